@@ -1,0 +1,271 @@
+"""What every training method shares: device and precision, data preparation with its audit, trainer
+arguments, the logging/progress/NaN callback, and the before/after parameter bookkeeping.
+
+Method modules (sft.py, lora_sft.py, partial_ft.py, dpo_lora.py) call these functions; there is no base
+class to inherit from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from experiments import data as D
+from experiments import models as M
+from harness.grid import Variant
+from harness.tracking import Tracker
+
+
+class VariantError(RuntimeError):
+    """A variant cannot run (bad data, bad module names, unsupported precision...); message says why."""
+
+
+class NonFiniteLoss(VariantError):
+    pass
+
+
+@dataclass
+class RunContext:
+    variant: Variant
+    tracker: Tracker
+    out_dir: Path
+    stage_dir: Path | None = None  # output folder of the `from:` stage, if any
+    device: str = "cpu"
+    precision: str = "fp32"
+    is_stage: bool = False  # another variant starts from this one's model
+    emit: Any = field(default=lambda **event: None)  # progress events to the executor
+
+    @property
+    def spec(self):
+        return self.variant.spec
+
+
+def pick_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def bf16_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device == "cpu"  # CPU autocast supports bf16 (slow but correct); MPS autocast does not train it well
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32. Explicit bf16/fp16 where unsupported is an error."""
+    if requested == "auto":
+        return "bf16" if device == "cuda" and bf16_supported(device) else "fp32"
+    if requested == "bf16" and not bf16_supported(device):
+        raise VariantError(f"train.precision: bf16 is not supported on {device}; use precision: auto or fp32")
+    if requested == "fp16" and device != "cuda":
+        raise VariantError(f"train.precision: fp16 mixed precision needs a CUDA GPU, this is {device}; "
+                           f"use precision: auto or fp32")
+    return requested
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
+    """Selected training rows for this variant, audited; the audit is logged before training."""
+    spec = ctx.spec
+    path = Path(ctx.variant.data_paths["train"])
+    rows = D.select(D.read_rows(path), spec.data.size, spec.data.shuffle_seed)
+    rows = D.preference_rows(rows) if kind == "preference" else D.sft_rows(rows)
+    return rows
+
+
+def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> dict:
+    try:
+        report = D.audit(rows, tokenizer, ctx.spec.data.max_length, kind)
+    except D.DataError as e:
+        raise VariantError(str(e)) from None
+    report["file"] = ctx.variant.data_paths["train"]
+    ctx.tracker.log_dict(report, "data_audit.json")
+    ctx.tracker.log_metrics({f"data/{k}": v for k, v in report.items() if isinstance(v, int | float)}, step=0)
+    if report["usable"] == 0:
+        raise VariantError(f"{report['file']}: no usable rows for this variant: {report['rows']} selected, "
+                           f"{report['fully_truncated']} fully truncated at max_length={report['max_length']}, "
+                           f"{report['chosen_eq_rejected']} chosen == rejected, {report['empty']} empty")
+    return report
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_tokenizer(ctx: RunContext):
+    tok = M.load_tokenizer(ctx.spec.base_model, _grid_dir(ctx))
+    if tok.pad_token is None:
+        # Documented handling: pad with EOS. Padding positions are masked out of the loss either way.
+        if tok.eos_token is None:
+            raise VariantError(f"tokenizer of {ctx.spec.base_model} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ctx: RunContext, tokenizer, *, weights_dtype=None):
+    """The starting model: the base, or the `from:` stage's trained model."""
+    if ctx.stage_dir is not None:
+        stage_model = ctx.stage_dir / "model"
+        if not (stage_model / "config.json").is_file():
+            raise VariantError(f"stage output {stage_model} is missing; rerun the grid with --force to rebuild it")
+        model = M.load_model(str(stage_model), dtype=weights_dtype)
+    else:
+        model = M.load_model(ctx.spec.base_model, dtype=weights_dtype, base_dir=_grid_dir(ctx),
+                             vocab_size=len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def weights_dtype(ctx: RunContext):
+    """LoRA methods keep the frozen base in the compute dtype (as for an 8B model); full methods keep
+    fp32 master weights and use autocast."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.precision)
+
+
+def _grid_dir(ctx: RunContext) -> Path:
+    return Path(ctx.variant.grid_dir)
+
+
+def lora_config(ctx: RunContext, model):
+    from peft import LoraConfig
+
+    try:
+        targets, layers = M.resolve_lora_targets(ctx.spec.lora.targets, model)
+    except M.ModelError as e:
+        raise VariantError(f"lora.targets: {e}") from None
+    return LoraConfig(r=ctx.spec.lora.rank, lora_alpha=ctx.spec.lora.alpha, lora_dropout=ctx.spec.lora.dropout,
+                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM", bias="none")
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def trainer_args(ctx: RunContext) -> dict:
+    t = ctx.spec.train
+    return dict(
+        output_dir=str(ctx.out_dir / "trainer"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        seed=ctx.spec.seed,
+        data_seed=ctx.spec.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=ctx.precision == "bf16",
+        fp16=ctx.precision == "fp16",
+        use_cpu=ctx.device == "cpu",
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        max_length=ctx.spec.data.max_length,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+
+
+class HarnessCallback(TrainerCallback):
+    """Trainer metrics -> tracker (one batched call per logging step), progress -> executor, NaN -> stop."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.t0 = time.monotonic()
+        self.parent_pid = os.getppid()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.monotonic()
+        self.ctx.emit(event="begin", max_steps=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.getppid() != self.parent_pid:  # the executor died: do not train on as an orphan
+            raise KeyboardInterrupt("executor process is gone")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        metrics = {f"train/{k}" if "/" not in k else k: v for k, v in logs.items() if isinstance(v, int | float)}
+        self.ctx.tracker.log_metrics(metrics, step=state.global_step)
+        loss = logs.get("loss")
+        self.ctx.emit(event="step", step=state.global_step, max_steps=state.max_steps, loss=loss,
+                      elapsed=time.monotonic() - self.t0)
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}")
+
+
+def param_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """Cheap per-tensor checksums (sum, sum of squares) to tell which parameters training changed."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            out[name] = (x.sum().item(), (x * x).sum().item())
+    return out
+
+
+def changes(before: dict, after: dict, trainable: set[str]) -> dict:
+    per_param = {name: {"trainable": name in trainable, "changed": before.get(name) != after[name]}
+                 for name in after}
+    return {
+        "params": per_param,
+        "summary": {
+            "trainable": sum(v["trainable"] for v in per_param.values()),
+            "frozen": sum(not v["trainable"] for v in per_param.values()),
+            "changed_trainable": sum(v["trainable"] and v["changed"] for v in per_param.values()),
+            "changed_frozen": sum((not v["trainable"]) and v["changed"] for v in per_param.values()),
+        },
+    }
+
+
+def fit(trainer, ctx: RunContext) -> dict:
+    """Train, then log which parameters moved and the outputs. Returns a summary for result.json."""
+    model = trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    ctx.tracker.log_metrics({"params/trainable_numel": n_trainable, "params/total_numel": n_total}, step=0)
+    before = param_fingerprint(model)
+    t0 = time.monotonic()
+    out = trainer.train()
+    seconds = time.monotonic() - t0
+    moved = changes(before, param_fingerprint(model), trainable)
+    (ctx.out_dir / "param_changes.json").write_text(json.dumps(moved, indent=1))
+    ctx.tracker.log_artifact(ctx.out_dir / "param_changes.json")
+    ctx.tracker.log_metrics({f"params/{k}": v for k, v in moved["summary"].items()}, step=out.global_step)
+    ctx.tracker.log_metrics({"train/seconds": seconds, "train/global_step": out.global_step}, step=out.global_step)
+    return {"global_step": out.global_step, "train_loss": out.training_loss, "seconds": seconds,
+            "trainable_numel": n_trainable, "total_numel": n_total, **moved["summary"]}
+
+
+def save_adapter(model, tokenizer, ctx: RunContext) -> None:
+    path = ctx.out_dir / "adapter"
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    ctx.tracker.log_artifact(path, "adapter")
+
+
+def save_full(model, tokenizer, ctx: RunContext, *, needed_locally: bool) -> None:
+    """Full weights: kept locally when a child stage needs them, logged as an artifact when asked."""
+    if not (needed_locally or ctx.spec.save_weights):
+        return
+    path = ctx.out_dir / "model"
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if ctx.spec.save_weights:
+        ctx.tracker.log_artifact(path, "model")

@@ -1,0 +1,257 @@
+"""Training and evaluation data: the built-in preference set, user files, nested subsets, the audit.
+
+Formats (TRL's standard ones), in .jsonl, .csv or .parquet:
+- preference: `prompt`, `chosen`, `rejected` — each a string, or a list of {role, content} messages
+  (conversational). Every method accepts it; SFT methods train on prompt -> chosen.
+- prompt-completion: `prompt`, `completion` (SFT methods only).
+- messages: `messages`, a whole conversation (SFT methods only).
+In CSV, a conversational cell holds the JSON list as text.
+
+Checks that need no tokenizer run at `harness validate` time (missing columns, empty strings,
+chosen == rejected), naming the file and rows. The token-level audit (truncation) runs per variant
+and is logged with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+BUILTIN_DIR = Path(__file__).parent / "data" / "builtin"
+BUILTIN_FILES = {"train": "train.jsonl", "eval": "eval.jsonl"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    pass
+
+
+def resolve_data_path(value: str, base_dir: Path, split: str = "train") -> Path:
+    if value == "builtin":
+        return BUILTIN_DIR / BUILTIN_FILES[split]
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{value!r}: expected 'builtin' or a file ending in {', '.join(SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{value!r}: no such file ({path})")
+    return path.resolve()
+
+
+def fingerprint(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a data file as dicts; conversational CSV cells are decoded from JSON."""
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    import pandas as pd
+
+    frame = pd.read_csv(path, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    rows = frame.to_dict(orient="records")
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, str) and value.startswith("[{"):
+                try:
+                    row[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            elif hasattr(value, "tolist"):  # parquet lists arrive as numpy arrays
+                row[key] = value.tolist()
+    return rows
+
+
+def text_of(value: Any) -> str:
+    """The text content of a field, whether a string or a list of messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+    return ""
+
+
+def _is_field(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def data_format(row: dict) -> str | None:
+    if {"prompt", "chosen", "rejected"} <= row.keys():
+        return "preference"
+    if {"prompt", "completion"} <= row.keys():
+        return "prompt-completion"
+    if "messages" in row:
+        return "messages"
+    return None
+
+
+def _rows_list(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:10])
+    return shown + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+
+def check_file(path: Path, kind: str) -> int:
+    """Structural check of a whole file; `kind` is 'preference' or 'sft'. Returns the row count.
+
+    Row numbers in messages are 1-based data rows (the line number in a JSONL file without blank lines).
+    """
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    fmt = data_format(rows[0])
+    allowed = ("preference",) if kind == "preference" else ("preference", "prompt-completion", "messages")
+    if fmt not in allowed:
+        want = ("prompt, chosen, rejected" if kind == "preference"
+                else "prompt+chosen+rejected, prompt+completion, or messages")
+        raise DataError(f"{path}: row 1 has columns {sorted(rows[0])}; expected {want}")
+    fields = {"preference": ("prompt", "chosen", "rejected"), "prompt-completion": ("prompt", "completion"),
+              "messages": ("messages",)}[fmt]
+    problems: dict[str, list[int]] = {}
+    for i, row in enumerate(rows, 1):
+        for key in fields:
+            if key not in row:
+                problems.setdefault(f"missing column '{key}'", []).append(i)
+            elif not _is_field(row[key]):
+                problems.setdefault(f"'{key}' is neither a string nor a list of {{role, content}} messages",
+                                    []).append(i)
+            elif not text_of(row[key]).strip():
+                problems.setdefault(f"empty '{key}'", []).append(i)
+        if fmt == "preference" and all(k in row for k in fields) and row["chosen"] == row["rejected"]:
+            problems.setdefault("chosen == rejected (no preference signal)", []).append(i)
+    if problems:
+        lines = [f"{what} in row(s) {_rows_list(rows_)}" for what, rows_ in problems.items()]
+        raise DataError(f"{path}: unusable rows: " + "; ".join(lines))
+    return len(rows)
+
+
+def select(rows: list[dict], size: int | None, shuffle_seed: int) -> list[dict]:
+    """The first `size` rows of one seeded shuffle: sizes are nested (4 ⊂ 12 ⊂ 48) for a fixed seed."""
+    order = list(range(len(rows)))
+    random.Random(shuffle_seed).shuffle(order)
+    chosen = order if size is None else order[:size]
+    return [rows[i] for i in chosen]
+
+
+def builtin_texts() -> list[str]:
+    """All text of the built-in set (the tiny test tokenizer is trained on it)."""
+    out = []
+    for split in BUILTIN_FILES.values():
+        for row in read_rows(BUILTIN_DIR / split):
+            out.extend(text_of(row[k]) for k in ("prompt", "chosen", "rejected"))
+    return out
+
+
+# ---------------------------------------------------------------- per-method datasets
+
+
+def _pref(row: dict) -> dict:
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def sft_rows(rows: list[dict]) -> list[dict]:
+    """SFT examples: preference rows become prompt -> chosen; other formats pass through."""
+    fmt = data_format(rows[0])
+    if fmt == "preference":
+        return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    if fmt == "prompt-completion":
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return [{"messages": r["messages"]} for r in rows]
+
+
+def preference_rows(rows: list[dict]) -> list[dict]:
+    return [_pref(r) for r in rows]
+
+
+# ---------------------------------------------------------------- tokenisation and audit
+
+
+def tokenize_pair(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) exactly as TRL's DPO/SFT preprocessing splits them.
+
+    Conversational: the prompt is rendered with the generation prompt, prompt+completion without, and
+    the completion starts where the two token sequences diverge. Plain strings are concatenated.
+    """
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the data is conversational but the tokenizer has no chat template; use a chat "
+                            "model or plain-string prompt/chosen/rejected data")
+        p = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)
+        p, full = list(p["input_ids"]), list(full["input_ids"])
+    else:
+        p = list(tokenizer(text=prompt)["input_ids"])
+        full = list(tokenizer(text=prompt + completion)["input_ids"])
+    k = 0
+    while k < min(len(p), len(full)) and p[k] == full[k]:
+        k += 1
+    return full[:k], full[k:]
+
+
+def audit(rows: list[dict], tokenizer, max_length: int, kind: str) -> dict:
+    """Counts of what truncation and the data itself will do to this variant's training set.
+
+    - truncated: prompt + completion (either side, for pairs) longer than max_length
+    - fully_truncated: the prompt alone fills max_length, so no completion token is left (TRL drops these)
+    - chosen_eq_rejected, empty, duplicated: rows carrying no or repeated signal
+    """
+    counts = Counter()
+    lengths = []
+    keys = Counter(json.dumps(r, sort_keys=True) for r in rows)
+    for row in rows:
+        if keys[json.dumps(row, sort_keys=True)] > 1:
+            counts["duplicated"] += 1
+        if kind == "preference":
+            completions = [row["chosen"], row["rejected"]]
+            if row["chosen"] == row["rejected"]:
+                counts["chosen_eq_rejected"] += 1
+        elif "messages" in row:
+            completions = []
+        else:
+            completions = [row["completion"]]
+        texts = [text_of(row.get("prompt", row.get("messages")))] + [text_of(c) for c in completions]
+        if any(not t.strip() for t in texts):
+            counts["empty"] += 1
+        if not completions:  # messages: length of the whole conversation
+            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+            lengths.append(len(ids))
+            counts["truncated"] += len(ids) > max_length
+            continue
+        split = [tokenize_pair(tokenizer, row["prompt"], c) for c in completions]
+        total = max(len(p) + len(c) for p, c in split)
+        lengths.append(total)
+        if total > max_length:
+            counts["truncated"] += 1
+        if len(split[0][0]) >= max_length:
+            counts["fully_truncated"] += 1
+    n = len(rows)
+    usable = n - counts["fully_truncated"] - counts["chosen_eq_rejected"] - counts["empty"]
+    return {
+        "rows": n,
+        "usable": usable,
+        "truncated": counts["truncated"],
+        "fully_truncated": counts["fully_truncated"],
+        "chosen_eq_rejected": counts["chosen_eq_rejected"],
+        "empty": counts["empty"],
+        "duplicated": counts["duplicated"],
+        "max_length": max_length,
+        "tokens_max": max(lengths) if lengths else 0,
+        "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
+    }

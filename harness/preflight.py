@@ -1,0 +1,59 @@
+"""Checks that need torch, run by `harness run` (and `harness validate --deep`) before anything trains.
+
+They catch what the YAML alone cannot: LoRA modules the model does not have, layer indices past its
+depth, bf16 on a device without it, conversational data for a tokenizer without a chat template. Every
+problem is collected and reported at once, each naming the file and key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments import common
+from experiments import data as D
+from experiments import models as M
+from harness.grid import Grid
+
+
+def check(grid: Grid, device: str) -> list[str]:
+    errors: list[str] = []
+    skeletons: dict[str, object] = {}
+    tokenizers: dict[str, object] = {}
+    for v in grid.variants:
+        spec, where = v.spec, f"{grid.path}: {v.source}"
+        try:
+            common.resolve_precision(spec.train.precision, device)
+        except common.VariantError as e:
+            errors.append(f"{where}: {e}")
+        name = spec.base_model
+        grid_dir = Path(v.grid_dir)
+        if name not in skeletons:
+            try:
+                skeletons[name] = M.skeleton(name, grid_dir)
+                tokenizers[name] = M.load_tokenizer(name, grid_dir)
+            except Exception as e:  # noqa: BLE001 - any load failure is a reason not to start
+                skeletons[name] = tokenizers[name] = None
+                errors.append(f"{where}: base_model: cannot load {name!r}: {type(e).__name__}: {e}")
+        model, tok = skeletons[name], tokenizers[name]
+        if model is None:
+            continue
+        if spec.method in ("lora_sft", "dpo_lora"):
+            try:
+                M.resolve_lora_targets(spec.lora.targets, model)
+            except M.ModelError as e:
+                errors.append(f"{where}: lora.targets: {e}")
+        if spec.method == "partial_ft":
+            try:
+                M.select_layers(spec.partial_ft.layers, M.num_layers(model))
+            except M.ModelError as e:
+                errors.append(f"{where}: partial_ft.layers: {e}")
+        for key in ("train", "eval"):
+            rows = D.read_rows(Path(v.data_paths[key]))
+            first = rows[0]
+            conversational = isinstance(first.get("prompt", first.get("messages")), list)
+            if conversational and not getattr(tok, "chat_template", None):
+                errors.append(f"{where}: data.{key}: {v.data_paths[key]} is conversational but {name}'s tokenizer "
+                              f"has no chat template; use a chat model or plain-string data")
+        if tok is not None and tok.pad_token is None and tok.eos_token is None:
+            errors.append(f"{where}: base_model: {name}'s tokenizer has neither a pad nor an eos token")
+    return list(dict.fromkeys(errors))

@@ -1,0 +1,89 @@
+"""One variant in its own process: the executor starts `python -m harness.worker JOB.json`.
+
+The job file names the variant, the MLflow run to log into and the output folder. Progress events go
+to stdout as `@@harness {json}` lines; everything else the libraries print goes to the log. Exit codes:
+0 finished, 1 failed (reason in error.json, traceback logged), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+PREFIX = "@@harness "
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _emit(**event) -> None:
+    sys.stdout.write(PREFIX + json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    job = json.loads(Path(argv[0]).read_text())
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from harness.grid import Variant
+    from harness.tracking import MlflowTracker, NullTracker
+
+    variant = Variant.from_json(job["variant"])
+    tracker = MlflowTracker(job["tracking_uri"], job["run_id"]) if job.get("run_id") else NullTracker()
+    step = {"step": 0}
+
+    def emit(**event):
+        if "step" in event:
+            step["step"] = event["step"]
+        _emit(**event)
+
+    try:
+        from experiments import common
+
+        device = job.get("device") or common.pick_device()
+        precision = common.resolve_precision(variant.spec.train.precision, device)
+        tags = {"harness.device": device, "harness.precision": precision}
+        if device == "cuda":
+            import torch
+
+            tags["harness.gpu"] = torch.cuda.get_device_name()
+        tracker.set_tags(tags)
+        emit(event="setup", device=device, precision=precision)
+        stage_dir = Path(job["stage_dir"]) if job.get("stage_dir") else None
+        ctx = common.RunContext(variant=variant, tracker=tracker, out_dir=out_dir, stage_dir=stage_dir,
+                                device=device, precision=precision, is_stage=bool(job.get("is_stage")), emit=emit)
+        method = importlib.import_module(f"experiments.{variant.spec.method}")
+        result = method.train(ctx)
+        (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+        tracker.log_dict(result, "result.json")
+        return 0
+    except KeyboardInterrupt as e:
+        (out_dir / "error.json").write_text(json.dumps({"reason": f"interrupted ({e})", "step": step["step"]}))
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 - any failure ends this variant, never the grid
+        tb = traceback.format_exc()
+        reason = f"{type(e).__name__}: {e}"
+        if "out of memory" in str(e).lower():
+            reason = f"out of memory: {e}"
+        (out_dir / "traceback.txt").write_text(tb)
+        (out_dir / "error.json").write_text(json.dumps({"reason": reason, "step": step["step"]}))
+        sys.stderr.write(tb)
+        try:
+            tracker.log_text(tb, "traceback.txt")
+        except Exception:  # noqa: BLE001 - the executor logs the file if this fails
+            pass
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
