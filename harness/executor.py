@@ -76,7 +76,7 @@ class Progress:
         self.tty = stream.isatty()
         self.interval = interval
         self.drawn = 0
-        self.last_line: dict[str, float] = {}
+        self.last_line: dict[str, tuple[float, int | None]] = {}
 
     def _status(self, act: Active) -> str:
         s = act.state
@@ -112,8 +112,13 @@ class Progress:
             return
         now = time.monotonic()
         for a in active:
-            if a.state.get("max_steps") and now - self.last_line.get(a.variant.id, 0) >= self.interval:
-                self.last_line[a.variant.id] = now
+            if not a.state.get("max_steps"):
+                continue
+            last_time, last_step = self.last_line.get(a.variant.id, (0.0, None))
+            moved = a.state.get("step") != last_step
+            # a line per new step at most every `interval` seconds; a heartbeat each minute otherwise
+            if (moved and now - last_time >= self.interval) or now - last_time >= 60:
+                self.last_line[a.variant.id] = (now, a.state.get("step"))
                 print(self._status(a), file=self.stream, flush=True)
 
     def _clear(self) -> None:

@@ -336,16 +336,14 @@ def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:
             for key in flatten(_normalise(ex)):
                 if key not in field_names():
                     errors.append(f"{file}: exclude[{j}].{key}: unknown key{_suggest(key, field_names())}")
-    errors = list(dict.fromkeys(errors))  # the same bad default shows up once per combination
-    if errors:
-        raise GridError(errors)
+    # keep going: the variants that did parse still get the semantic checks, so every error shows at once
 
     def excluded(spec: VariantSpec) -> bool:
         flat = flatten(spec.model_dump(by_alias=True))
         return any(all(flat.get(k) == v for k, v in flatten(_normalise(ex)).items()) for ex in excludes)
 
     pending = [(s, src) for s, src in pending if not excluded(s)]
-    if not pending:
+    if not pending and not errors:
         raise GridError([f"{file}: the grid expands to no variants (everything excluded?)"])
 
     # semantic checks that need the whole grid or the file system
@@ -374,7 +372,9 @@ def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:
                     errors.append(f"{where}: partial_ft.modules: invalid regex: {e}")
         if spec.from_:
             parent = by_name.get(spec.from_)
-            if parent is None:
+            if parent is None and spec.from_ in names:
+                pass  # the stage itself failed validation; its own error says why
+            elif parent is None:
                 errors.append(f"{where}: from: no variant named {spec.from_!r} in this grid"
                               f"{_suggest(spec.from_, list(by_name))} (names: {', '.join(by_name) or 'none'})")
             elif parent.method not in STAGE_METHODS:

