@@ -170,6 +170,7 @@ def trainer_args(ctx: RunContext) -> dict:
         logging_steps=t.logging_steps,
         logging_first_step=True,
         report_to="none",
+        logging_nan_inf_filter=False,  # the default replaces a NaN loss with the running mean: we must see it
         save_strategy="no",
         disable_tqdm=True,
         bf16=ctx.precision == "bf16",
