@@ -4,7 +4,7 @@
     nox -s fast      # unit + tiny-model integration tests only
     nox -s demo      # the two-round study on SmolLM2-135M-Instruct, tracked under results/
 
-Sessions reuse the current interpreter's environment (install with the README's setup first) so that
+Sessions reuse the current environment (set it up as the README says first) so that
 torch is never re-resolved into a multi-GB CUDA build.
 """
 
