@@ -142,12 +142,16 @@ def check_file(path: Path, kind: str) -> int:
     return len(rows)
 
 
+def select_indices(n: int, size: int | None, shuffle_seed: int) -> list[int]:
+    """Row numbers of `select`: the first `size` of one seeded shuffle of range(n)."""
+    order = list(range(n))
+    random.Random(shuffle_seed).shuffle(order)
+    return order if size is None else order[:size]
+
+
 def select(rows: list[dict], size: int | None, shuffle_seed: int) -> list[dict]:
     """The first `size` rows of one seeded shuffle: sizes are nested (4 ⊂ 12 ⊂ 48) for a fixed seed."""
-    order = list(range(len(rows)))
-    random.Random(shuffle_seed).shuffle(order)
-    chosen = order if size is None else order[:size]
-    return [rows[i] for i in chosen]
+    return [rows[i] for i in select_indices(len(rows), size, shuffle_seed)]
 
 
 def builtin_texts() -> list[str]:
@@ -214,14 +218,17 @@ def audit(rows: list[dict], tokenizer, max_length: int, kind: str) -> dict:
     """
     counts = Counter()
     lengths = []
+    unusable: list[int] = []
     keys = Counter(json.dumps(r, sort_keys=True) for r in rows)
-    for row in rows:
+    for i, row in enumerate(rows):
+        bad = False
         if keys[json.dumps(row, sort_keys=True)] > 1:
             counts["duplicated"] += 1
         if kind == "preference":
             completions = [row["chosen"], row["rejected"]]
             if row["chosen"] == row["rejected"]:
                 counts["chosen_eq_rejected"] += 1
+                bad = True
         elif "messages" in row:
             completions = []
         else:
@@ -229,10 +236,13 @@ def audit(rows: list[dict], tokenizer, max_length: int, kind: str) -> dict:
         texts = [text_of(row.get("prompt", row.get("messages")))] + [text_of(c) for c in completions]
         if any(not t.strip() for t in texts):
             counts["empty"] += 1
+            bad = True
         if not completions:  # messages: length of the whole conversation
             ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
             lengths.append(len(ids))
             counts["truncated"] += len(ids) > max_length
+            if bad:
+                unusable.append(i)
             continue
         split = [tokenize_pair(tokenizer, row["prompt"], c) for c in completions]
         total = max(len(p) + len(c) for p, c in split)
@@ -241,11 +251,13 @@ def audit(rows: list[dict], tokenizer, max_length: int, kind: str) -> dict:
             counts["truncated"] += 1
         if len(split[0][0]) >= max_length:
             counts["fully_truncated"] += 1
+            bad = True
+        if bad:
+            unusable.append(i)
     n = len(rows)
-    usable = n - counts["fully_truncated"] - counts["chosen_eq_rejected"] - counts["empty"]
     return {
         "rows": n,
-        "usable": usable,
+        "usable": n - len(unusable),
         "truncated": counts["truncated"],
         "fully_truncated": counts["fully_truncated"],
         "chosen_eq_rejected": counts["chosen_eq_rejected"],
@@ -254,4 +266,5 @@ def audit(rows: list[dict], tokenizer, max_length: int, kind: str) -> dict:
         "max_length": max_length,
         "tokens_max": max(lengths) if lengths else 0,
         "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
+        "unusable_rows": unusable,
     }

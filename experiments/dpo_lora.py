@@ -16,7 +16,7 @@ from experiments import common
 def train(ctx: common.RunContext) -> dict:
     tokenizer = common.load_tokenizer(ctx)
     rows = common.prepare_rows(ctx, "preference")
-    common.audit_and_log(ctx, rows, tokenizer, "preference")
+    rows = common.audit_and_log(ctx, rows, tokenizer, "preference")
     model = common.load_model(ctx, tokenizer, weights_dtype=common.weights_dtype(ctx))
     args = DPOConfig(**common.trainer_args(ctx), beta=ctx.spec.dpo.beta, loss_type=[ctx.spec.dpo.loss_type])
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),

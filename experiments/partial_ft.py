@@ -33,7 +33,7 @@ def freeze_except(model, layers: list[int], modules: str | None) -> list[str]:
 def train(ctx: common.RunContext) -> dict:
     tokenizer = common.load_tokenizer(ctx)
     rows = common.prepare_rows(ctx, "sft")
-    common.audit_and_log(ctx, rows, tokenizer, "sft")
+    rows = common.audit_and_log(ctx, rows, tokenizer, "sft")
     model = common.load_model(ctx, tokenizer)
     try:
         layers = M.select_layers(ctx.spec.partial_ft.layers, M.num_layers(model))

@@ -14,7 +14,7 @@ from experiments import common
 def train(ctx: common.RunContext) -> dict:
     tokenizer = common.load_tokenizer(ctx)
     rows = common.prepare_rows(ctx, "sft")
-    common.audit_and_log(ctx, rows, tokenizer, "sft")
+    rows = common.audit_and_log(ctx, rows, tokenizer, "sft")
     model = common.load_model(ctx, tokenizer)
     trainer = SFTTrainer(model=model, args=SFTConfig(**common.trainer_args(ctx)),
                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

@@ -37,6 +37,7 @@ from harness.tracking import (
     MlflowTracker,
     Store,
     default_tracking_uri,
+    redact,
 )
 from harness.worker import EXIT_INTERRUPTED, PREFIX
 
@@ -99,12 +100,12 @@ class Progress:
 
     def line(self, text: str) -> None:
         self._clear()
-        print(text, file=self.stream, flush=True)
+        print(redact(text), file=self.stream, flush=True)
 
     def refresh(self, active: list[Active]) -> None:
         if self.tty:
             self._clear()
-            lines = [self._status(a) for a in active]
+            lines = [redact(self._status(a)) for a in active]
             for text in lines:
                 print(text[: shutil.get_terminal_size().columns - 1], file=self.stream)
             self.stream.flush()
@@ -119,7 +120,7 @@ class Progress:
             # a line per new step at most every `interval` seconds; a heartbeat each minute otherwise
             if (moved and now - last_time >= self.interval) or now - last_time >= 60:
                 self.last_line[a.variant.id] = (now, a.state.get("step"))
-                print(self._status(a), file=self.stream, flush=True)
+                print(redact(self._status(a)), file=self.stream, flush=True)
 
     def _clear(self) -> None:
         if self.tty and self.drawn:
@@ -323,7 +324,7 @@ class Executor:
 
         ordered = [outcomes[v.id] for v in grid.variants]
         summary = summary_table(ordered)
-        print("\n" + summary, file=out, flush=True)
+        print("\n" + redact(summary), file=out, flush=True)
         parent.log_text(summary, "summary.txt")
         failed = [o for o in ordered if o.status in ("FAILED", "BLOCKED")]
         status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")

@@ -34,6 +34,10 @@ def check(grid: Grid, device: str) -> list[str]:
             except Exception as e:  # noqa: BLE001 - any load failure is a reason not to start
                 skeletons[name] = tokenizers[name] = None
                 errors.append(f"{where}: base_model: cannot load {name!r}: {type(e).__name__}: {e}")
+        local = M.local_path(name, grid_dir)
+        if local is not None and not list(local.glob("*.safetensors")):
+            errors.append(f"{where}: base_model: {local} has no .safetensors weights; harness loads only "
+                          f"safetensors (convert with save_pretrained(..., safe_serialization=True))")
         model, tok = skeletons[name], tokenizers[name]
         if model is None:
             continue

@@ -12,6 +12,7 @@ Default store: sqlite:///results/mlflow.db (MLFLOW_TRACKING_URI wins). MLflow is
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -33,18 +34,44 @@ TAG_HOST = "harness.host"
 TAG_RECOVERED = "harness.recovered"
 PARENT_TAG = "mlflow.parentRunId"
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|auth)", re.I)
+# A key is secret when one of its words is one of these ("hub_token" yes, "probe_tokens" no).
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "auth", "credential", "credentials"}
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]+:)[^@/\s]+@")
+# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids.
+_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
+
+
+_SECRET_ENV_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+
+
+def _secret_env_name(name: str) -> bool:
+    parts = set(name.upper().split("_"))
+    return bool(parts & _SECRET_ENV_PARTS) or name.upper().endswith(("_KEY", "_API_KEY"))
+
+
+def _env_secrets() -> list[str]:
+    """Values of environment variables whose names look secret (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, ...)."""
+    values = [v for k, v in os.environ.items() if _secret_env_name(k) and len(v) >= 6]
+    return sorted(set(values), key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """Hide the password of any URL in `text` (e.g. a store URL)."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    """Hide URL passwords, token-shaped strings and the values of secret-looking environment variables."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _TOKEN_SHAPES.sub("***", text)
+    for value in _env_secrets():
+        text = text.replace(value, "***")
+    return text
+
+
+def _secret_key(key: str) -> bool:
+    words = re.split(r"[^a-z0-9]+", key.lower())
+    return bool(set(words) & _SECRET_WORDS) or "api_key" in key.lower()
 
 
 def redact_mapping(d: dict[str, Any]) -> dict[str, Any]:
     """Values of secret-looking keys become '***'; URLs lose their passwords."""
-    return {k: "***" if _SECRET_KEY.search(k) else (redact(v) if isinstance(v, str) else v) for k, v in d.items()}
+    return {k: "***" if _secret_key(k) else (redact(v) if isinstance(v, str) else v) for k, v in d.items()}
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -125,7 +152,7 @@ class MlflowTracker(Tracker):
             retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log artifact")
 
     def log_dict(self, data: Any, name: str) -> None:
-        retry(lambda: self.client.log_dict(self.run_id, data, name), "log dict")
+        self.log_text(json.dumps(data, indent=1, default=str), name)
 
     def log_text(self, text: str, name: str) -> None:
         retry(lambda: self.client.log_text(self.run_id, redact(text), name), "log text")
@@ -142,6 +169,13 @@ class Store:
         self.uri = uri
         self.client = MlflowClient(uri)
         self.artifact_root = artifact_root
+        if uri.startswith("sqlite:///"):
+            # A new sqlite store is created by running migrations; several runners starting at once on
+            # one new file would race on that, so the first one does it under a lock.
+            from filelock import FileLock
+
+            with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
 
     def uri_for_display(self) -> str:
         return redact(self.uri)
@@ -167,7 +201,7 @@ class Store:
         if parent:
             tags[PARENT_TAG] = parent
         tags = {k: str(v) for k, v in redact_mapping(tags).items()}
-        run = retry(lambda: self.client.create_run(experiment_id, run_name=run_name, tags=tags), "create run")
+        run = retry(lambda: self.client.create_run(experiment_id, run_name=redact(run_name), tags=tags), "create run")
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str) -> None:

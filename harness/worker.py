@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     except BaseException as e:  # noqa: BLE001 - any failure ends this variant, never the grid
         tb = traceback.format_exc()
         reason = f"{type(e).__name__}: {e}"
-        if "out of memory" in str(e).lower():
-            reason = f"out of memory: {e}"
+        text = str(e).lower()
+        if "out of memory" in text or "can't allocate memory" in text or isinstance(e, MemoryError):
+            reason = f"out of memory: {type(e).__name__}: {e}"
         (out_dir / "traceback.txt").write_text(tb)
         (out_dir / "error.json").write_text(json.dumps({"reason": reason, "step": step["step"]}))
         sys.stderr.write(tb)
