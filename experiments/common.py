@@ -1,5 +1,6 @@
 """What every training method shares: device and precision, data preparation with its audit, trainer
-arguments, the logging/progress/NaN callback, and the before/after parameter bookkeeping.
+arguments, the logging/progress/NaN callback, the before/after parameter bookkeeping, and the margin and
+drift measurement around training (`fit`, through `experiments.evaluate`).
 
 Method modules (sft.py, lora_sft.py, partial_ft.py, dpo_lora.py) call these functions; there is no base
 class to inherit from.
@@ -19,6 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 from experiments import data as D
+from experiments import evaluate as E
+from experiments import faults
 from experiments import models as M
 from harness.grid import Variant
 from harness.tracking import Tracker
@@ -78,7 +81,7 @@ def resolve_precision(requested: str, device: str) -> str:
 
 
 def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
-    """Selected training rows for this variant, audited; the audit is logged before training."""
+    """Selected training rows for this variant (before the audit drops unusable ones)."""
     spec = ctx.spec
     path = Path(ctx.variant.data_paths["train"])
     rows = D.select(D.read_rows(path), spec.data.size, spec.data.shuffle_seed)
@@ -86,11 +89,17 @@ def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
     return rows
 
 
-def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> dict:
+def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> list[dict]:
+    """Audit the rows, log the audit, and return the usable ones.
+
+    Rows whose prompt alone fills max_length are dropped, as TRL's DPO preprocessing drops them (for SFT
+    they would be all-masked batches with a 0/0 loss); they are counted in `data/fully_truncated`.
+    """
     try:
         report = D.audit(rows, tokenizer, ctx.spec.data.max_length, kind)
     except D.DataError as e:
         raise VariantError(str(e)) from None
+    unusable = set(report.pop("unusable_rows"))
     report["file"] = ctx.variant.data_paths["train"]
     ctx.tracker.log_dict(report, "data_audit.json")
     ctx.tracker.log_metrics({f"data/{k}": v for k, v in report.items() if isinstance(v, int | float)}, step=0)
@@ -98,7 +107,7 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> di
         raise VariantError(f"{report['file']}: no usable rows for this variant: {report['rows']} selected, "
                            f"{report['fully_truncated']} fully truncated at max_length={report['max_length']}, "
                            f"{report['chosen_eq_rejected']} chosen == rejected, {report['empty']} empty")
-    return report
+    return [r for i, r in enumerate(rows) if i not in unusable]
 
 
 # ---------------------------------------------------------------- model
@@ -120,6 +129,11 @@ def load_model(ctx: RunContext, tokenizer, *, weights_dtype=None):
         stage_model = ctx.stage_dir / "model"
         if not (stage_model / "config.json").is_file():
             raise VariantError(f"stage output {stage_model} is missing; rerun the grid with --force to rebuild it")
+        recorded = stage_model / "harness_variant.json"
+        got = json.loads(recorded.read_text()).get("variant_id") if recorded.is_file() else None
+        if got != ctx.variant.parent_id:
+            raise VariantError(f"stage output {stage_model} was written by variant {got}, not by this variant's "
+                               f"stage {ctx.variant.parent_id}; refusing to start from it (rerun with --force)")
         model = M.load_model(str(stage_model), dtype=weights_dtype)
     else:
         model = M.load_model(ctx.spec.base_model, dtype=weights_dtype, base_dir=_grid_dir(ctx),
@@ -195,6 +209,9 @@ class HarnessCallback(TrainerCallback):
         self.t0 = time.monotonic()
         self.ctx.emit(event="begin", max_steps=state.max_steps)
 
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        faults.maybe_inject(self.ctx, model, state.global_step + 1)
+
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self.parent_pid:  # the executor died: do not train on as an orphan
             raise KeyboardInterrupt("executor process is gone")
@@ -234,13 +251,34 @@ def changes(before: dict, after: dict, trainable: set[str]) -> dict:
     }
 
 
+def measurement_setup(ctx: RunContext) -> "E.Setup":
+    """What `evaluate` scores for this variant: every row of data.eval, and the selected training rows when
+    the training file holds preference pairs (SFT methods train on their chosen side)."""
+    spec = ctx.spec
+    eval_rows = D.read_rows(Path(ctx.variant.data_paths["eval"]))
+    all_train = D.read_rows(Path(ctx.variant.data_paths["train"]))
+    train_idx = D.select_indices(len(all_train), spec.data.size, spec.data.shuffle_seed)
+    train_rows = [D.preference_rows([all_train[i]])[0] | {"category": all_train[i].get("category", "")}
+                  for i in train_idx] if D.data_format(all_train[0]) == "preference" else None
+    return E.Setup(eval_rows=eval_rows, eval_indices=list(range(len(eval_rows))), train_rows=train_rows,
+                   train_indices=train_idx, max_length=spec.data.max_length, batch_size=spec.eval.batch_size,
+                   probe_length=spec.eval.probe_length, beta=spec.dpo.beta if spec.method == "dpo_lora" else None,
+                   probe_prompts=E.probe_prompts(), neutral_text=E.neutral_paragraphs())
+
+
 def fit(trainer, ctx: RunContext) -> dict:
-    """Train, then log which parameters moved and the outputs. Returns a summary for result.json."""
+    """Measure the reference, train, measure again; log which parameters moved, the margins and the drift.
+    Returns a summary for result.json."""
     model = trainer.model
+    tokenizer = trainer.processing_class
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     ctx.tracker.log_metrics({"params/trainable_numel": n_trainable, "params/total_numel": n_total}, step=0)
+    ctx.emit(event="measure", when="before")
+    baseline = E.before(model, tokenizer, measurement_setup(ctx))
+    if ctx.spec.eval.every:
+        trainer.add_callback(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every, ctx.tracker))
     before = param_fingerprint(model)
     t0 = time.monotonic()
     out = trainer.train()
@@ -250,8 +288,14 @@ def fit(trainer, ctx: RunContext) -> dict:
     ctx.tracker.log_artifact(ctx.out_dir / "param_changes.json")
     ctx.tracker.log_metrics({f"params/{k}": v for k, v in moved["summary"].items()}, step=out.global_step)
     ctx.tracker.log_metrics({"train/seconds": seconds, "train/global_step": out.global_step}, step=out.global_step)
+    ctx.emit(event="measure", when="after")
+    rows, metrics = E.after(model, tokenizer, baseline)
+    ctx.tracker.log_artifact(E.write_table(rows, ctx.out_dir / "pairs.csv"), "eval")
+    ctx.tracker.log_metrics(metrics, step=out.global_step)
     return {"global_step": out.global_step, "train_loss": out.training_loss, "seconds": seconds,
-            "trainable_numel": n_trainable, "total_numel": n_total, **moved["summary"]}
+            "trainable_numel": n_trainable, "total_numel": n_total, **moved["summary"],
+            "eval_margin_shift_mean": metrics.get("eval/margin_shift_mean"),
+            "drift_kl_mean": metrics.get("drift/kl_mean"), "measure_seconds": metrics["eval/seconds"]}
 
 
 def save_adapter(model, tokenizer, ctx: RunContext) -> None:
@@ -268,5 +312,7 @@ def save_full(model, tokenizer, ctx: RunContext, *, needed_locally: bool) -> Non
     path = ctx.out_dir / "model"
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    # children check this before starting from these weights
+    (path / "harness_variant.json").write_text(json.dumps({"variant_id": ctx.variant.id}))
     if ctx.spec.save_weights:
         ctx.tracker.log_artifact(path, "model")

@@ -3,6 +3,8 @@
     python -m harness plan configs/two_round.yaml       # expanded variants, ids, steps (no torch import)
     python -m harness validate configs/two_round.yaml   # every config error at once; --deep loads models too
     python -m harness run configs/two_round.yaml        # train every variant, tracked in MLflow
+    python -m harness report two_round                  # results/two_round/report.md + figures, from MLflow
+    python -m harness evaluate smollm2-135m-instruct    # margins of a model (or a finished run) on eval pairs
     python -m harness ui                                # MLflow UI on 127.0.0.1 over results/mlflow.db
     python -m harness cache-model                       # materialise SmolLM2-135M-Instruct once
 
@@ -13,6 +15,7 @@ Precedence: command-line flags > grid YAML > schema defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -103,6 +106,125 @@ def cmd_run(args) -> int:
     return executor.run()
 
 
+def cmd_report(args) -> int:
+    from analysis.load import StudyError
+    from analysis.report import write_report
+
+    try:
+        path = write_report(args.target, _results_dir(args))
+    except StudyError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(path)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import re
+
+    from experiments import data as D
+    from experiments import models as M
+
+    results = _results_dir(args)
+    data = Path(args.data) if args.data else D.BUILTIN_DIR / D.BUILTIN_FILES["eval"]
+    try:
+        if not data.is_file():
+            raise D.DataError(f"no such file: {data}")
+        D.check_file(data, "preference")
+    except D.DataError as e:
+        print(f"evaluate: --data: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if re.fullmatch(r"[0-9a-f]{32}", args.target):
+        loaded = _load_run(args.target, results, args.base)
+    else:
+        problem = M.check_model_name(args.target, Path.cwd()) or (
+            M.check_model_name(args.base, Path.cwd()) if args.base else None)
+        loaded = problem or _load_models(args.target, args.base)
+    if isinstance(loaded, str):
+        print(f"evaluate: {loaded}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    model, reference, tokenizer, params, label = loaded
+    from experiments import evaluate as E
+
+    rows = D.read_rows(data)
+    setup = E.Setup(eval_rows=rows, eval_indices=list(range(len(rows))), train_rows=None, train_indices=[],
+                    max_length=int(params.get("data.max_length", args.max_length)),
+                    batch_size=int(params.get("eval.batch_size", 8)),
+                    probe_length=int(params.get("eval.probe_length", 32)),
+                    beta=float(params["dpo.beta"]) if params.get("method") == "dpo_lora" else None,
+                    probe_prompts=E.probe_prompts(), neutral_text=E.neutral_paragraphs())
+    table, metrics = E.measure(model, tokenizer, setup, reference)
+    out = Path(args.out) if args.out else results / "evaluations" / f"{label}__{data.stem}.csv"
+    E.write_table(table, out)
+    out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    print(f"{label} on {data} ({len(rows)} pairs):")
+    for key, value in metrics.items():
+        print(f"  {key:36s} {value:.6g}")
+    print(f"per-pair table: {out}")
+    return 0
+
+
+def _tokenizer(name_or_path: str):
+    from experiments import models as M
+
+    tok = M.load_tokenizer(name_or_path, Path.cwd())
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_models(name: str, base: str | None):
+    """(model, reference or None, tokenizer, params, label) for a model name and an optional base."""
+    from experiments import models as M
+
+    tok = _tokenizer(name)
+    model = M.load_model(name, base_dir=Path.cwd(), vocab_size=len(tok))
+    reference = M.load_model(base, base_dir=Path.cwd(), vocab_size=len(tok)) if base else None
+    label = Path(name).name + (f"-vs-{Path(base).name}" if base else "")
+    return model, reference, tok, {}, label
+
+
+def _load_run(run_id: str, results: Path, base: str | None):
+    """A finished variant run's trained model and its reference (its base, or its `from:` stage's model)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from experiments import models as M
+    from harness.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(results))
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow's RestException
+        return f"no run {run_id} in {results}"
+    params, tags = run.data.params, run.data.tags
+    if tags.get("harness.kind") != "variant" or run.info.status != "FINISHED":
+        return f"run {run_id} is not a FINISHED variant run (kind {tags.get('harness.kind')}, {run.info.status})"
+    stage = tags.get("harness.stage_variant_id")
+    start = str(results / "runs" / stage / "model") if stage else params["base_model"]
+    if stage and not Path(start, "config.json").is_file():
+        return f"the run starts from stage {stage}, whose model {start} is not on this machine"
+    tok = _tokenizer(start)
+    tmp = tempfile.mkdtemp(prefix="harness-evaluate-")
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "adapter" in names:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(M.load_model(start, base_dir=Path.cwd(), vocab_size=len(tok)),
+                                          client.download_artifacts(run_id, "adapter", tmp))
+    else:
+        local = results / "runs" / tags["harness.variant_id"] / "model"
+        folder = (client.download_artifacts(run_id, "model", tmp) if "model" in names
+                  else str(local) if (local / "config.json").is_file() else None)
+        if folder is None:
+            return f"run {run_id} logged no weights (a full method without save_weights: true)"
+        model = M.load_model(folder)
+        base = base or start
+    reference = M.load_model(base, base_dir=Path.cwd(), vocab_size=len(tok)) if base else None
+    return model, reference, tok, dict(params), f"{tags.get('mlflow.runName', run_id).replace('·', '_')}"
+
+
 def cmd_ui(args) -> int:
     from harness.tracking import default_tracking_uri
 
@@ -144,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("report", help="write results/<grid>/report.md and figures from the logged runs",
+                       epilog="examples: python -m harness report two_round; python -m harness report <parent run id>")
+    s.add_argument("target", help="grid name (latest finished run of each variant) or a parent run id")
+    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("evaluate", help="measure margins (and drift vs a base) without training",
+                       epilog="examples: python -m harness evaluate smollm2-135m-instruct --data pairs.jsonl; "
+                       "python -m harness evaluate <run id>  (its adapter or weights against its reference)")
+    s.add_argument("target", help="a model name or folder, or the run id of a finished variant")
+    s.add_argument("--data", help="preference file (.jsonl/.csv/.parquet; default: the built-in held-out pairs)")
+    s.add_argument("--base", help="reference model to measure margin shift and drift against")
+    s.add_argument("--max-length", type=int, default=512, help="token budget per pair for a model (a run uses its own)")
+    s.add_argument("--out", help="per-pair CSV (default: <results>/evaluations/<name>__<data>.csv)")
+    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
+    s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("ui", help="MLflow UI over the results store")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")

@@ -42,7 +42,8 @@ class DataSpec(_Strict):
     max_length: PositiveInt = 512
     """Token budget for prompt + completion; longer pairs are truncated (counted in the data audit)."""
     eval: str = "builtin"
-    """Held-out preference pairs for evaluation: `builtin` (32 pairs) or a path like `train`."""
+    """The grid's evaluation pairs ("eval_data"): `builtin` (32 held-out pairs) or a preference file path
+    like `train`. Margins are measured on every row of it, before and after training."""
 
 
 class TrainSpec(_Strict):
@@ -104,6 +105,19 @@ class PartialSpec(_Strict):
     """Optional regex on parameter names inside those layers (e.g. 'mlp|self_attn\\.o_proj')."""
 
 
+class EvalSpec(_Strict):
+    """Measurement around training (every method): preference margins on `data.eval` and on the training
+    pairs, and drift from the reference (see `experiments/evaluate.py` for what is logged)."""
+
+    every: PositiveInt | None = None
+    """Also log the held-out margin shift every this many optimiser steps. None = before and after only."""
+    probe_length: PositiveInt = 32
+    """Tokens the reference generates greedily per probe prompt; the KL drift is averaged over them.
+    (Not `probe_tokens`: params whose key contains "token" are logged masked, as secrets.)"""
+    batch_size: PositiveInt = 8
+    """Sequences per forward pass while measuring (a preference pair is two)."""
+
+
 class VariantSpec(_Strict):
     """One fully resolved training run."""
 
@@ -125,15 +139,16 @@ class VariantSpec(_Strict):
     lora: LoraSpec = LoraSpec()
     dpo: DpoSpec = DpoSpec()
     partial_ft: PartialSpec = PartialSpec()
+    eval: EvalSpec = EvalSpec()
 
 
 # The sections each method actually uses; the others are left out of its id and params, so a grid
 # that varies dpo.beta does not produce five identical SFT runs.
 METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
-    "sft": ("data", "train"),
-    "lora_sft": ("data", "train", "lora"),
-    "partial_ft": ("data", "train", "partial_ft"),
-    "dpo_lora": ("data", "train", "lora", "dpo"),
+    "sft": ("data", "train", "eval"),
+    "lora_sft": ("data", "train", "lora", "eval"),
+    "partial_ft": ("data", "train", "partial_ft", "eval"),
+    "dpo_lora": ("data", "train", "lora", "dpo", "eval"),
 }
 
 

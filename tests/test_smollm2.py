@@ -29,3 +29,7 @@ def test_smollm2_dpo_lora_few_steps(grid_file, tmp_path):
     assert [m.step for m in margins] == [1, 2]
     assert run.data.metrics["params/changed_trainable"] == run.data.metrics["params/trainable"] == 120  # 30 layers x q,v x A,B
     assert run.data.metrics["params/changed_frozen"] == 0
+    # measured around training: margins on the 32 held-out and 4 training pairs, and drift
+    assert run.data.metrics["eval/pairs"] == 32 and run.data.metrics["train_pairs/pairs"] == 4
+    assert run.data.metrics["drift/kl_mean"] >= 0 and run.data.metrics["drift/weight_delta_norm"] > 0
+    assert run.data.metrics["eval/accuracy_before"] > 0  # the instruct model already prefers some chosen answers

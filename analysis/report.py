@@ -1,0 +1,533 @@
+"""The writeup of a grid, generated from its logged runs only.
+
+    python -m harness report two_round                 # latest finished run of every variant of the grid
+    python -m harness report <parent run id>           # the variants one invocation ran or reused
+    python -m harness report two_round --results DIR   # another results folder
+
+Writes `<results>/<grid>/report.md` and its PNG figures next to it, and logs them (under `report/`) to the
+grid's parent run. Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the
+text around the numbers is chosen by the numbers (an interval that covers zero is said to be "not
+distinguishable from zero"), never written in advance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import stats
+from analysis.load import Study, load_study
+from analysis.stats import Estimate, fmt, fmt_ci, fmt_p
+
+META = {"run_id", "run_name", "start_time", "end_time", "device", "gpu", "variant_id"}
+NOT_CONFIG = {"seed", "name", "variant_id"}
+AXES_ORDER = ("method", "base_model", "data.size", "train.epochs", "dpo.beta", "lora.rank", "lora.alpha",
+              "lora.targets", "partial_ft.layers", "partial_ft.modules", "train.learning_rate", "data.train",
+              "data.eval")
+CURVE_AXES = ("dpo.beta", "data.size", "train.epochs", "lora.rank")
+AXIS_WORDS = {"method": "method", "base_model": "base model", "data.size": "data size", "train.epochs": "epochs",
+              "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
+              "lora.targets": "LoRA targets (scope)", "partial_ft.layers": "trained layers",
+              "train.learning_rate": "learning rate"}
+FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png")
+MAX_ALL_PAIRS = 8  # above this many variants, compare only those differing in exactly one field
+
+
+@dataclass
+class Group:
+    """One variant, its seeds pooled: the unit the report talks about."""
+
+    label: str
+    config: dict
+    runs: pd.DataFrame
+    metrics: dict  # logged metrics averaged over seeds
+    shifts: pd.Series  # held-out margin shift per pair (index: pair), averaged over seeds
+    scale: float  # median |margin before| over the held-out pairs: what a shift is small or large against
+    flips: tuple[int, int]  # held-out pairs whose margin changed sign: (to chosen, to rejected)
+    lengths: tuple[float, float]  # mean scored tokens of chosen and of rejected completions (held-out)
+    est: Estimate
+    train_est: Estimate | None
+    seed_means: list[float] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list:
+        return list(self.runs["seed"])
+
+    def get(self, key, default=None):
+        v = self.config.get(key, default)
+        return default if v is None else v
+
+
+@dataclass
+class Comparison:
+    a: Group
+    b: Group
+    differs: dict  # key -> (value in a, value in b), over fields both have
+    est: Estimate
+
+
+# ---------------------------------------------------------------- building the tables
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _config(row: pd.Series) -> dict:
+    return {k: row[k] for k in row.index if k not in META | NOT_CONFIG and _present(row[k])}
+
+
+def _strip_seed(run_name: str, seed) -> str:
+    return "·".join(p for p in run_name.split("·") if p != f"s{seed}")
+
+
+def build_groups(study: Study) -> list[Group]:
+    runs = study.runs.copy()
+    if "seed" not in runs:
+        runs["seed"] = 0
+    keys = [json.dumps(_config(r), sort_keys=True, default=str) for _, r in runs.iterrows()]
+    pairs = study.pairs
+    groups = []
+    for key in dict.fromkeys(keys):
+        part = runs[[k == key for k in keys]]
+        ids = list(part["run_id"])
+        metrics = study.metrics.loc[ids].mean(numeric_only=True).to_dict()
+        ev = pairs[(pairs["run_id"].isin(ids)) & (pairs.get("split") == "eval")] if len(pairs) else pairs
+        scale, flips, lengths = math.nan, (0, 0), (math.nan, math.nan)
+        if len(ev) and "margin_shift" in ev:
+            per_run = ev.pivot_table(index="pair", columns="run_id", values="margin_shift")
+            shifts = per_run.mean(axis=1)
+            seed_means = [float(per_run[c].mean()) for c in per_run.columns]
+            per_pair = ev.groupby("pair")[["margin_before", "margin_after"]].mean()
+            scale = float(per_pair["margin_before"].abs().median())
+            flips = (int(((per_pair["margin_before"] <= 0) & (per_pair["margin_after"] > 0)).sum()),
+                     int(((per_pair["margin_before"] > 0) & (per_pair["margin_after"] <= 0)).sum()))
+            lengths = (float(ev["n_chosen"].mean()), float(ev["n_rejected"].mean()))
+        else:
+            shifts, seed_means = pd.Series(dtype=float), []
+        tr = pairs[(pairs["run_id"].isin(ids)) & (pairs.get("split") == "train")] if len(pairs) else pairs
+        train_est = None
+        if len(tr) and "margin_shift" in tr:
+            train_est = stats.bootstrap_mean(tr.groupby("pair")["margin_shift"].mean().to_numpy())
+        first = part.iloc[0]
+        name = first.get("name")
+        groups.append(Group(label=name if _present(name) else _strip_seed(first["run_name"], first["seed"]),
+                            config=_config(first), runs=part, metrics=metrics, shifts=shifts, scale=scale, flips=flips,
+                            lengths=lengths,
+                            est=stats.bootstrap_mean(shifts.to_numpy()), train_est=train_est,
+                            seed_means=seed_means))
+    labels = [g.label for g in groups]
+    for g in groups:  # a name shared by several variants (axes applied to it): use the full run name
+        if labels.count(g.label) > 1:
+            g.label = _strip_seed(g.runs.iloc[0]["run_name"], g.runs.iloc[0]["seed"])
+    return _shorten(groups)
+
+
+def _shorten(groups: list[Group]) -> list[Group]:
+    """Drop the run-name parts every variant shares (`smollm2`, `n12`, ...): they tell no variant apart."""
+    parts = [g.label.split("·") for g in groups]
+    if len(groups) < 2 or any(len(p) < 2 for p in parts):
+        return groups
+    shared = set.intersection(*(set(p[1:]) for p in parts))  # never the first part: a name or the method
+    short = ["·".join(x for i, x in enumerate(p) if i == 0 or x not in shared) for p in parts]
+    if len(set(short)) == len(short):
+        for g, label in zip(groups, short, strict=True):
+            g.label = label
+    return groups
+
+
+def varying_axes(groups: list[Group]) -> list[str]:
+    keys = {k for g in groups for k in g.config}
+    out = [k for k in keys if len({json.dumps(g.config[k], default=str) for g in groups if k in g.config}) > 1]
+    return sorted(out, key=lambda k: (AXES_ORDER.index(k) if k in AXES_ORDER else len(AXES_ORDER), k))
+
+
+def compare(groups: list[Group]) -> list[Comparison]:
+    out = []
+    for a, b in itertools.combinations(groups, 2):
+        if a.get("data.eval") != b.get("data.eval"):
+            continue  # different evaluation pairs: nothing to pair on
+        differs = {k: (a.config[k], b.config[k]) for k in a.config.keys() & b.config.keys()
+                   if json.dumps(a.config[k], default=str) != json.dumps(b.config[k], default=str)}
+        if not differs or (len(groups) > MAX_ALL_PAIRS and len(differs) != 1):
+            continue
+        common = a.shifts.index.intersection(b.shifts.index)
+        if len(common) == 0:
+            continue
+        est = stats.paired_difference(b.shifts.loc[common].to_numpy(), a.shifts.loc[common].to_numpy())
+        out.append(Comparison(a, b, differs, est))
+    return out
+
+
+def _covary(groups: list[Group], a: str, b: str) -> bool:
+    """Whether fields a and b change together: a one-to-one map between their values over the variants."""
+    pairs = {(json.dumps(g.config.get(a), default=str), json.dumps(g.config.get(b), default=str)) for g in groups
+             if a in g.config}
+    return len(pairs) > 1 and len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs})
+
+
+def summary_table(groups: list[Group], axes: list[str]) -> pd.DataFrame:
+    rows = []
+    for g in groups:
+        m = g.metrics
+        context = " ".join(f"{k}={g.config.get(k)}" for k in axes if k not in CURVE_AXES and k in g.config)
+        rows.append({"label": g.label, "method": g.get("method", "?"), "mean": g.est.mean, "lo": g.est.lo,
+                     "hi": g.est.hi, "kl_mean": m.get("drift/kl_mean"),
+                     "weight_delta_norm": m.get("drift/weight_delta_norm"), "context": context,
+                     **{k: g.config.get(k) for k in CURVE_AXES}})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- words
+
+
+def _n(x) -> str:
+    """An integer-valued number without a trailing .0."""
+    return str(int(round(x))) if _present(x) else "n/a"
+
+
+def _count(frac, n) -> str:
+    return f"{_n(frac * n)}/{_n(n)}" if _present(frac) and _present(n) else "n/a"
+
+
+def _params(n) -> str:
+    if not _present(n):
+        return "n/a"
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else _n(n)
+
+
+def describe_training(g: Group) -> str:
+    c, m = g.config, g.metrics
+    method = c.get("method")
+    lora = f"LoRA r={c.get('lora.rank')}, alpha={_num(c.get('lora.alpha'))}, targets {c.get('lora.targets')}"
+    what = {
+        "sft": "full supervised fine-tuning on prompt → chosen",
+        "lora_sft": f"supervised fine-tuning on prompt → chosen through a {lora}",
+        "partial_ft": f"supervised fine-tuning on prompt → chosen of decoder layers {c.get('partial_ft.layers')}"
+                      + (f" (parameters matching {c.get('partial_ft.modules')!r})"
+                         if c.get("partial_ft.modules") else ""),
+        "dpo_lora": f"DPO (beta {_num(c.get('dpo.beta'))}, {c.get('dpo.loss_type', 'sigmoid')} loss) through a {lora}",
+    }.get(method, str(method))
+    if c.get("from"):
+        what += f", starting from stage {c.get('from')}"
+    size = c.get("data.size")
+    data = f"{_n(size)} training rows" if size else "all training rows"
+    steps = m.get("train/global_step")
+    seeds = g.seeds
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return (f"{what} of {c.get('base_model')}; {_params(m.get('params/trainable_numel'))} of "
+            f"{_params(m.get('params/total_numel'))} parameters trainable. {data.capitalize()} from "
+            f"`{c.get('data.train')}`, {_n(c.get('train.epochs'))} epoch(s) = {_n(steps)} optimiser steps of batch "
+            f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}.")
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
+
+
+def describe_movement(g: Group) -> list[str]:
+    m, est = g.metrics, g.est
+    n = m.get("eval/pairs")
+    lines = [f"**Held-out margin shift** (logp chosen − logp rejected, after − before, {_n(n)} pairs): "
+             f"{fmt_ci(est)} nats — {est.verdict()}."]
+    if len(g.seed_means) > 1:
+        lines.append(f"Per-seed means: {', '.join(fmt(x) for x in g.seed_means)} (the interval above pools the "
+                     f"seeds per pair and does not include this spread).")
+    lines.append(f"Preference accuracy (margin > 0): {_count(m.get('eval/accuracy_before'), n)} before → "
+                 f"{_count(m.get('eval/accuracy_after'), n)} after; "
+                 + ("no pair's margin changed sign." if g.flips == (0, 0) else
+                    f"{g.flips[0]} pair(s) turned toward chosen and {g.flips[1]} toward rejected."))
+    if _present(g.scale) and g.scale > 0 and _present(est.mean):
+        lines.append(f"For scale: the median held-out margin is {fmt(g.scale, signed=False)} nats in size, so the mean "
+                     f"shift is {abs(est.mean) / g.scale:.1%} of a typical margin"
+                     + (" — detectable, but small next to the preferences the model already had."
+                        if abs(est.mean) < 0.05 * g.scale and not est.covers_zero else "."))
+    c_shift, r_shift = m.get("eval/chosen_shift_mean"), m.get("eval/rejected_shift_mean")
+    move = (f"Mean change in log-prob: chosen {fmt(c_shift)}, rejected {fmt(r_shift)} nats; both fell on "
+            f"{_count(m.get('eval/displaced_frac'), n)} pairs.")
+    if _present(c_shift) and _present(r_shift) and c_shift < 0 and r_shift < 0:
+        move += (" On average both fell: **likelihood displacement** — "
+                 + ("the margin grew because rejected fell faster, not because chosen became more likely."
+                    if est.mean > 0 else "and chosen fell at least as fast as rejected."))
+    elif _present(c_shift) and _present(r_shift) and c_shift > 0 and r_shift > 0:
+        move += (" On average both rose: the model became likelier to produce either answer, and the margin "
+                 + ("grew because chosen rose more." if c_shift > r_shift else "shrank because rejected rose more."))
+    lines.append(move)
+    norm = m.get("eval/norm_margin_shift_mean")
+    text = f"Length-normalised (per-token) margin shift: {fmt(norm)} nats/token."
+    if _present(norm) and not est.covers_zero and norm * est.mean < 0:
+        gainer = "rejected" if est.mean > 0 else "chosen"
+        text += (f" It has the opposite sign to the summed shift: per token, the {gainer} completions gained more, "
+                 f"and the summed margin moved because the completions differ "
+                 f"in length ({fmt(g.lengths[0], signed=False)} chosen vs {fmt(g.lengths[1], signed=False)} rejected "
+                 f"tokens on average), not because each token's preference moved that way.")
+    lines.append(text)
+    if g.train_est is not None and g.train_est.n:
+        t = g.train_est
+        text = f"**On its own {t.n} training pairs**: {fmt_ci(t)} nats — {t.verdict()}."
+        if not t.covers_zero and t.mean > 0 and est.covers_zero:
+            text += " It moved the pairs it trained on, but that did not carry over measurably to held-out pairs."
+        elif not t.covers_zero and not est.covers_zero and t.mean > 0 and est.mean > 0:
+            text += (f" Held-out pairs moved {fmt(est.mean / t.mean, signed=False)}× as far as the training pairs."
+                     if t.mean else "")
+        lines.append(text)
+    if g.get("method") == "dpo_lora":
+        imp = m.get("eval/implicit_reward_margin_mean")
+        lines.append(f"DPO implicit reward margin on held-out pairs (beta × shift): {fmt(imp)}; on its training "
+                     f"pairs {fmt(m.get('train_pairs/implicit_reward_margin_mean'))}. TRL's own `rewards/margins` "
+                     f"at the last step was {fmt(m.get('rewards/margins'))} (one training batch, as the trainer "
+                     f"logs it).")
+    return lines
+
+
+def describe_drift(g: Group) -> str:
+    m = g.metrics
+    return (f"**Drift**: KL(policy ‖ reference) {fmt(m.get('drift/kl_mean'), signed=False)} nats/token over "
+            f"{_n(m.get('drift/kl_tokens'))} tokens of the reference's own completions of the probe prompts; "
+            f"neutral-text perplexity {fmt(m.get('drift/ppl_before'), signed=False)} → "
+            f"{fmt(m.get('drift/ppl_after'), signed=False)} ({fmt(m.get('drift/ppl_change'))}); weight change norm "
+            f"{fmt(m.get('drift/weight_delta_norm'), signed=False)}.")
+
+
+def _axis_key(k: str):
+    return (AXES_ORDER.index(k) if k in AXES_ORDER else len(AXES_ORDER), k)
+
+
+def describe_comparison(cmp: Comparison) -> str:
+    e = cmp.est
+    changed = "; ".join(f"`{k}` {_num(va)} → {_num(vb)}" for k, (va, vb) in sorted(cmp.differs.items(),
+                                                                                   key=lambda kv: _axis_key(kv[0])))
+    text = (f"- **{cmp.b.label}** − **{cmp.a.label}** ({changed}): difference in held-out margin shift "
+            f"{fmt_ci(e)} nats (paired over {e.n} pairs, {fmt_p(e.p_value)}) — ")
+    if e.n < 2 or e.covers_zero:
+        text += "not distinguishable: these runs cannot tell the two apart."
+    else:
+        text += f"{cmp.b.label} moved the margin {'more' if e.mean > 0 else 'less'} than {cmp.a.label}."
+    return text
+
+
+def comparison_sections(comparisons: list[Comparison]) -> list[str]:
+    """One section per set of fields that differ; a comparison appears once."""
+    by_fields: dict[tuple, list[Comparison]] = {}
+    for c in comparisons:
+        by_fields.setdefault(tuple(sorted(c.differs, key=_axis_key)), []).append(c)
+    lines = []
+    for fields in sorted(by_fields, key=lambda f: (len(f), [_axis_key(k) for k in f])):
+        words = " and ".join(AXIS_WORDS.get(k, k) for k in fields)
+        lines += [f"### {words[0].upper() + words[1:]}" + (" together" if len(fields) > 1 else ""), ""]
+        if len(fields) > 1:
+            lines += [f"These variants differ in {len(fields)} fields at once ({', '.join(f'`{k}`' for k in fields)}): "
+                      f"a difference below says which moved more, and cannot be put down to any one of them.", ""]
+        lines += [describe_comparison(c) for c in sorted(by_fields[fields], key=lambda c: (c.a.label, c.b.label))]
+        lines.append("")
+    return lines
+
+
+def caveats(groups: list[Group], comparisons: list[Comparison], axes: list[str]) -> list[str]:
+    out = []
+    ns = sorted({e.n for e in (g.est for g in groups) if e.n})
+    widths = [(g.est.hi - g.est.lo) / 2 for g in groups if g.est.n > 1]
+    if ns:
+        out.append(f"Each variant's interval rests on {', '.join(map(str, ns))} held-out pairs; shifts smaller than "
+                   f"about the typical CI half-width ({fmt(sorted(widths)[len(widths) // 2], signed=False)} nats) "
+                   f"cannot be resolved here." if widths else f"Each variant rests on {ns} held-out pairs.")
+    if all(len(g.seeds) == 1 for g in groups):
+        out.append("One training seed per variant: the intervals cover the choice of evaluation pairs, not training "
+                   "randomness (data order, adapter initialisation); another seed could move every estimate.")
+    else:
+        out.append("Seeds are pooled per pair; the per-seed means listed with each variant show the training "
+                   "randomness the intervals leave out.")
+    bases = {g.get("base_model") for g in groups}
+    for base in sorted(bases, key=str):
+        gs = [g for g in groups if g.get("base_model") == base]
+        total = gs[0].metrics.get("params/total_numel")
+        acc = [g.metrics.get("eval/accuracy_before") for g in gs if _present(g.metrics.get("eval/accuracy_before"))]
+        text = f"Base model {base} ({_params(total)} parameters)."
+        if acc:
+            a = sum(acc) / len(acc)
+            text += f" Before training it already preferred the chosen completion on {a:.0%} of held-out pairs"
+            text += (": little room for accuracy to rise, so look at the margins." if a >= 0.8 else
+                     ": about chance, so these pairs are not already solved by the base." if a <= 0.6 else ".")
+        text += " Results on a model this size need not carry over to larger or stronger ones."
+        out.append(text)
+    if any(g.get("data.eval") == "builtin" for g in groups):
+        out.append("The held-out pairs are the built-in set: the same four answer styles as the training pairs, on "
+                   "other topics. A shift there shows generalisation to new prompts of those styles, not to "
+                   "preferences in general.")
+    displaced = [g.label for g in groups if _present(g.metrics.get("eval/chosen_shift_mean"))
+                 and g.metrics["eval/chosen_shift_mean"] < 0 and g.metrics["eval/rejected_shift_mean"] < 0]
+    if displaced:
+        out.append(f"Likelihood displacement in {', '.join(displaced)}: a wider margin there does not mean the "
+                   f"chosen answers became more likely.")
+    if "data.size" in axes:
+        by_size = sorted({(g.get("data.size"), _n(g.metrics.get("train/global_step"))) for g in groups
+                          if g.get("data.size")}, key=lambda t: t[0])
+        nested = len({g.get("data.shuffle_seed") for g in groups}) == 1
+        out.append("Data size: " + ("the training sets are nested (the first N rows of one seeded shuffle), so a "
+                                    "larger set adds pairs to the smaller one. " if nested else "")
+                   + "Optimiser steps per size: " + ", ".join(f"{s} pairs → {st} steps" for s, st in by_size)
+                   + "; more data here is also more updates, unless the steps were fixed.")
+    if "lora.targets" in axes:
+        scope = [f"{g.get('lora.targets')} {_params(g.metrics.get('params/trainable_numel'))}" for g in groups
+                 if g.get("lora.targets")]
+        out.append(f"LoRA scope: trainable parameters per target set: {', '.join(scope)}. A wider scope changes "
+                   f"capacity and, at one learning rate, the size of the update too; the weight change norm "
+                   f"and KL columns show how far each actually moved.")
+    confounded = [c for c in comparisons if len(c.differs) > 1]
+    if confounded:
+        fields = sorted({k for c in confounded for k in c.differs}, key=str)
+        out.append(f"{len(confounded)} of the {len(comparisons)} comparisons change several fields at once "
+                   f"({', '.join(fields)}); they say which variant moved more, not why.")
+    if len(comparisons) > 1:
+        out.append(f"{len(comparisons)} comparisons are reported without correction for multiplicity: at p < 0.05, "
+                   f"{fmt(0.05 * len(comparisons), signed=False)} of them are expected to cross by chance alone.")
+    out.append("KL is measured on the reference's greedy completions of a fixed set of neutral probe prompts: it "
+               "says how far next-token distributions moved on ordinary prompts, not whether outputs got better "
+               "or worse. Perplexity is on a fixed neutral text.")
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def build(study: Study, out_dir: Path, *, target: str) -> Path:
+    from analysis import figures
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = build_groups(study)
+    measured = [g for g in groups if g.est.n]
+    unmeasured = [g for g in groups if not g.est.n]
+    axes = varying_axes(measured) if measured else []
+    comparisons = compare(measured)
+    summary = summary_table(measured, axes)
+    labels = {rid: g.label for g in groups for rid in g.runs["run_id"]}
+
+    lines = [f"# {study.grid}: what moved, and what it cost", ""]
+    devices = sorted({(r["device"] + (f" ({r['gpu']})" if r["gpu"] else "")) for _, r in study.runs.iterrows()})
+    lines += [f"Generated by `python -m harness report {target}` from {len(study.runs)} finished run(s) of grid "
+              f"`{study.grid}`" + (f" (parent run `{study.parent_run_id}`)" if study.parent_run_id else "")
+              + f"; trained and measured on {', '.join(devices) or 'unknown'}. Every number is read from the logged "
+              "runs (metrics and the per-pair tables `eval/pairs.csv`). Margins are in nats: summed log-prob of the "
+              "chosen completion minus the rejected one, given the prompt. Intervals are 95% paired-bootstrap CIs "
+              f"over evaluation pairs ({stats.N_RESAMPLES:,} resamples, seed {stats.SEED}).", ""]
+    if not measured:
+        lines += ["None of these runs logged margin measurements (`eval/pairs.csv`); nothing to compare.", ""]
+
+    # summary
+    if measured:
+        lines += ["## Summary", ""]
+        rows = []
+        for g in measured:
+            m = g.metrics
+            n = m.get("eval/pairs")
+            rows.append([g.label, str(g.get("method")), f"{_n(g.get('data.size')) if g.get('data.size') else 'all'} × "
+                         f"{_n(g.get('train.epochs'))} ({_n(m.get('train/global_step'))} steps)", fmt_ci(g.est),
+                         g.est.verdict(), f"{_count(m.get('eval/accuracy_before'), n)} → "
+                         f"{_count(m.get('eval/accuracy_after'), n)}",
+                         f"{fmt(m.get('eval/chosen_shift_mean'))} / {fmt(m.get('eval/rejected_shift_mean'))}",
+                         fmt(m.get("drift/kl_mean"), signed=False), fmt(m.get("drift/ppl_change")),
+                         fmt(m.get("drift/weight_delta_norm"), signed=False)])
+        lines += _table(["variant", "method", "pairs × epochs", "held-out margin shift", "verdict",
+                         "accuracy before → after", "Δlogp chosen / rejected", "KL", "Δppl", "‖ΔW‖"], rows)
+        lines.append("")
+
+    # figures
+    figs: list[tuple[str, str]] = []
+    if measured:
+        figs.append((figures.shift_per_variant(summary, out_dir / "margin_shift.png").name,
+                     "Held-out margin shift per variant, 95% CI"))
+        figs.append((figures.shift_vs_drift(summary, out_dir / "shift_vs_drift.png").name,
+                     "Margin shift against drift: the trade-off frontier"))
+        ev = study.pairs[study.pairs["split"] == "eval"].copy()
+        ev["label"] = ev["run_id"].map(labels)
+        ev = ev.groupby(["label", "pair"], sort=False, as_index=False).agg(
+            margin_before=("margin_before", "mean"), margin_after=("margin_after", "mean"),
+            category=("category", "first"))
+        figs.append((figures.pairs_before_after(ev, out_dir / "pairs_before_after.png").name,
+                     "Per held-out pair: margin before vs after"))
+    hist = study.history.copy()
+    if len(hist):
+        hist["label"] = hist["run_id"].map(labels)
+        curves = figures.training_curves(hist, out_dir / "training_curves.png")
+        if curves is not None:
+            figs.append((curves.name, "Logged step curves (TRL rewards/margins, loss, intermediate held-out shift)"))
+    plotted: list[str] = []
+    for axis in CURVE_AXES:
+        if axis not in axes or summary[axis].notna().sum() < 2:
+            continue
+        together = [k for k in axes if k != axis and _covary(measured, axis, k)]
+        if any(k in plotted for k in together):
+            continue  # the same points as a curve already drawn
+        name = f"{axis.replace('.', '_')}_curve.png"
+        caption = f"Margin shift against {axis}" + (f" (changes together with {', '.join(together)})"
+                                                    if together else "")
+        figs.append((figures.axis_curve(summary, axis, out_dir / name, together).name, caption))
+        plotted.append(axis)
+
+    # per variant
+    if measured:
+        lines += ["## Variants", ""]
+        for g in measured:
+            lines += [f"### {g.label}", "", f"**Trained**: {describe_training(g)}", ""]
+            lines += [f"- {x}" for x in describe_movement(g)]
+            lines += [f"- {describe_drift(g)}", ""]
+    if unmeasured:
+        lines += ["Runs without margin measurements (trained before measurement existed, or it failed): "
+                  + ", ".join(g.label for g in unmeasured) + ".", ""]
+
+    # comparisons
+    if comparisons:
+        lines += ["## Comparisons", "",
+                  "Differences are (second − first) in held-out margin shift, paired on the same evaluation pairs.", ""]
+        lines += comparison_sections(comparisons)
+    elif len(measured) > 1:
+        lines += ["## Comparisons", "", "No two variants share evaluation pairs, so none are compared.", ""]
+
+    lines += ["## What this does and does not show", ""] + [f"- {c}" for c in caveats(measured, comparisons, axes)]
+    lines.append("")
+    if figs:
+        lines += ["## Figures", ""]
+        for name, caption in figs:
+            lines += [f"![{caption}]({name})", "", f"*{caption}.*", ""]
+
+    lines += ["## Runs", ""]
+    rows = []
+    for g in groups:
+        for _, r in g.runs.iterrows():
+            m = study.metrics.loc[r["run_id"]]
+            rows.append([g.label, f"`{r['run_id']}`", f"`{r['variant_id']}`", str(r.get("seed")),
+                         _n(m.get("train/seconds")) + " s", _n(m.get("eval/seconds")) + " s"])
+    lines += _table(["variant", "run id", "variant id", "seed", "training", "measuring"], rows)
+    lines.append("")
+    produced = {name for name, _ in figs}
+    for stale in [*FIGURE_NAMES, *(f.name for f in out_dir.glob("*_curve.png"))]:
+        if stale not in produced and (out_dir / stale).is_file():
+            (out_dir / stale).unlink()  # a figure an earlier report drew that this one does not
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_report(target: str, results_dir: Path) -> Path:
+    """Load, write `<results>/<grid>/report.md` with its figures, log them to the parent run."""
+    from harness.tracking import MlflowTracker
+
+    study = load_study(target, results_dir)
+    out_dir = results_dir / study.grid
+    path = build(study, out_dir, target=target)
+    if study.parent_run_id:
+        tracker = MlflowTracker(study.uri, study.parent_run_id)
+        for f in sorted(out_dir.iterdir()):
+            if f.suffix in (".md", ".png"):
+                tracker.log_artifact(f, "report")
+    return path
