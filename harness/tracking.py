@@ -162,10 +162,10 @@ class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
     def __init__(self, uri: str, artifact_root: Path):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(uri)
+        # Every call goes through this explicit client. (mlflow.set_tracking_uri would also export
+        # MLFLOW_TRACKING_URI into os.environ, leaking one store into every later run in this process.)
         self.uri = uri
         self.client = MlflowClient(uri)
         self.artifact_root = artifact_root

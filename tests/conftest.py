@@ -25,14 +25,17 @@ def grid_file(tmp_path):
     return lambda text, name="grid.yaml": write_grid(tmp_path, text, name)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tracking_uri_per_module():
-    """`mlflow.set_tracking_uri` (called by the executor's Store) also sets MLFLOW_TRACKING_URI in os.environ,
-    and `harness.tracking.default_tracking_uri` honours that variable: without this, an in-process `run` in one
-    test module would send the next module's runs to the first module's store."""
+def _restore_tracking_uri():
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# `mlflow.set_tracking_uri` (called by the executor's Store) also sets MLFLOW_TRACKING_URI in os.environ, and
+# `harness.tracking.default_tracking_uri` honours that variable: without these, an in-process `run` in one test
+# would send the next test's runs (in-process or in a subprocess inheriting os.environ) to its own store.
+_tracking_uri_per_test = pytest.fixture(autouse=True)(_restore_tracking_uri)
+_tracking_uri_per_module = pytest.fixture(autouse=True, scope="module")(_restore_tracking_uri)
