@@ -43,5 +43,7 @@ def maybe_inject(ctx, model, step: int) -> None:
     elif kind == "oom":
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {step})")
     elif kind == "nan":
-        head = model.get_output_embeddings()
-        head.register_forward_hook(lambda module, args, output: output * float("nan"))
+        # Poison the final norm's output rather than the LM head: TRL computes log-probs with a fused head
+        # that never calls the head module's forward.
+        final_norm = [m for n, m in model.named_modules() if n.endswith(".norm") and ".layers." not in n][-1]
+        final_norm.register_forward_hook(lambda module, args, output: output * float("nan"))

@@ -71,9 +71,9 @@ class Active:
 class Progress:
     """A live view of the grid: variant i/N, step, loss, ETA. Redraws on a terminal, prints lines otherwise."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, interval: float = 10.0):
+    def __init__(self, total: int, stream: TextIO | None = None, interval: float = 10.0):
         self.total = total
-        self.stream = stream
+        self.stream = stream or sys.stderr or sys.stderr  # looked up now, not at import, so redirection is honoured
         self.tty = stream.isatty()
         self.interval = interval
         self.drawn = 0
@@ -163,13 +163,13 @@ def _slots(jobs: int | None) -> list[str | None]:
 
 class Executor:
     def __init__(self, grid: Grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,
-                 stream: TextIO = sys.stderr, argv: list[str] | None = None):
+                 stream: TextIO | None = None, argv: list[str] | None = None):
         self.grid = grid
         self.results_dir = results_dir.resolve()
         self.runs_dir = self.results_dir / "runs"
         self.force = force
         self.jobs = jobs
-        self.stream = stream
+        self.stream = stream or sys.stderr  # looked up now, not at import, so redirection is honoured
         self.argv = argv or []
         self.uri = default_tracking_uri(self.results_dir)
         self.store = Store(self.uri, self.results_dir / "artifacts")

@@ -167,15 +167,17 @@ class Store:
         # Every call goes through this explicit client. (mlflow.set_tracking_uri would also export
         # MLFLOW_TRACKING_URI into os.environ, leaking one store into every later run in this process.)
         self.uri = uri
-        self.client = MlflowClient(uri)
         self.artifact_root = artifact_root
         if uri.startswith("sqlite:///"):
-            # A new sqlite store is created by running migrations; several runners starting at once on
-            # one new file would race on that, so the first one does it under a lock.
+            # A new sqlite store is created by running migrations when the client first opens it; several
+            # runners starting at once on one new file would race on that, so they open it under a lock.
             from filelock import FileLock
 
             with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                self.client = MlflowClient(uri)
                 retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+        else:
+            self.client = MlflowClient(uri)
 
     def uri_for_display(self) -> str:
         return redact(self.uri)

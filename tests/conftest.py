@@ -34,7 +34,7 @@ def _restore_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-# `mlflow.set_tracking_uri` (called by the executor's Store) also sets MLFLOW_TRACKING_URI in os.environ, and
+# A test or a user may set MLFLOW_TRACKING_URI, and
 # `harness.tracking.default_tracking_uri` honours that variable: without these, an in-process `run` in one test
 # would send the next test's runs (in-process or in a subprocess inheriting os.environ) to its own store.
 _tracking_uri_per_test = pytest.fixture(autouse=True)(_restore_tracking_uri)

@@ -155,7 +155,7 @@ def faulty(tmp_path_factory):
     (folder / "hopeless.jsonl").write_text("\n".join(json.dumps(r) for r in hopeless))
     grid = make_grid(folder, "faulty", """
         - {name: ok, method: lora_sft}
-        - {name: raises, method: lora_sft}
+        - {name: raises, method: lora_sft, lora: {rank: 2}}  # a config of its own: names are not in the id
         - {name: nan, method: dpo_lora, train: {max_steps: 4}}
         - {name: oom, method: sft}
         - {name: after_oom, method: partial_ft}
@@ -346,7 +346,12 @@ def test_ui_binds_to_loopback(tmp_path):
                 tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 return None
-            addrs = [c.laddr for p in tree for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+            addrs = []
+            for p in tree:  # the server's own helper processes come and go while we look
+                try:
+                    addrs += [c.laddr for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+                except (psutil.NoSuchProcess, FileNotFoundError):
+                    continue
             return [a for a in addrs if a.port == port]
 
         addrs = wait_for(listening, timeout=90, what="the UI to listen")
