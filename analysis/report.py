@@ -23,6 +23,9 @@ import pandas as pd
 from analysis import stats
 from analysis.load import Study, load_study
 from analysis.stats import Estimate, fmt, fmt_ci, fmt_p
+from harness.core import methods
+from harness.core import metrics as catalogue
+from harness.core.tracking import MlflowTracker
 
 META = {"run_id", "run_name", "start_time", "end_time", "device", "gpu", "variant_id"}
 NOT_CONFIG = {"seed", "name", "variant_id"}
@@ -35,6 +38,9 @@ AXIS_WORDS = {"method": "method", "base_model": "base model", "data.size": "data
               "lora.targets": "LoRA targets (scope)", "partial_ft.layers": "trained layers",
               "train.learning_rate": "learning rate"}
 FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png")
+# what the summary table's columns show, in order (meanings come from the metric catalogue)
+SUMMARY_METRICS = ("eval/margin_shift_mean", "eval/accuracy_after", "eval/chosen_shift_mean",
+                   "eval/rejected_shift_mean", "drift/kl_mean", "drift/ppl_change", "drift/weight_delta_norm")
 MAX_ALL_PAIRS = 8  # above this many variants, compare only those differing in exactly one field
 
 
@@ -204,15 +210,7 @@ def _params(n) -> str:
 def describe_training(g: Group) -> str:
     c, m = g.config, g.metrics
     method = c.get("method")
-    lora = f"LoRA r={c.get('lora.rank')}, alpha={_num(c.get('lora.alpha'))}, targets {c.get('lora.targets')}"
-    what = {
-        "sft": "full supervised fine-tuning on prompt → chosen",
-        "lora_sft": f"supervised fine-tuning on prompt → chosen through a {lora}",
-        "partial_ft": f"supervised fine-tuning on prompt → chosen of decoder layers {c.get('partial_ft.layers')}"
-                      + (f" (parameters matching {c.get('partial_ft.modules')!r})"
-                         if c.get("partial_ft.modules") else ""),
-        "dpo_lora": f"DPO (beta {_num(c.get('dpo.beta'))}, {c.get('dpo.loss_type', 'sigmoid')} loss) through a {lora}",
-    }.get(method, str(method))
+    what = methods.get(method).describe_config(c) if method in methods.names() else str(method)
     if c.get("from"):
         what += f", starting from stage {c.get('from')}"
     size = c.get("data.size")
@@ -224,6 +222,12 @@ def describe_training(g: Group) -> str:
             f"{_params(m.get('params/total_numel'))} parameters trainable. {data.capitalize()} from "
             f"`{c.get('data.train')}`, {_n(c.get('train.epochs'))} epoch(s) = {_n(steps)} optimiser steps of batch "
             f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}.")
+
+
+def _uses(g: Group, section: str) -> bool:
+    """Whether the group's method reads this config section (its registry record says)."""
+    method = g.get("method")
+    return method in methods.names() and methods.get(method).uses(section)
 
 
 def _num(x) -> str:
@@ -276,7 +280,7 @@ def describe_movement(g: Group) -> list[str]:
             text += (f" Held-out pairs moved {fmt(est.mean / t.mean, signed=False)}× as far as the training pairs."
                      if t.mean else "")
         lines.append(text)
-    if g.get("method") == "dpo_lora":
+    if _uses(g, "dpo"):
         imp = m.get("eval/implicit_reward_margin_mean")
         lines.append(f"DPO implicit reward margin on held-out pairs (beta × shift): {fmt(imp)}; on its training "
                      f"pairs {fmt(m.get('train_pairs/implicit_reward_margin_mean'))}. TRL's own `rewards/margins` "
@@ -440,6 +444,8 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
         lines += _table(["variant", "method", "pairs × epochs", "held-out margin shift", "verdict",
                          "accuracy before → after", "Δlogp chosen / rejected", "KL", "Δppl", "‖ΔW‖"], rows)
         lines.append("")
+        lines += ["Columns, from the metric catalogue (`python -m harness metrics`): "
+                  + "; ".join(catalogue.describe(k) for k in SUMMARY_METRICS) + ".", ""]
 
     # figures
     figs: list[tuple[str, str]] = []
@@ -520,8 +526,6 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
 
 def write_report(target: str, results_dir: Path) -> Path:
     """Load, write `<results>/<grid>/report.md` with its figures, log them to the parent run."""
-    from harness.tracking import MlflowTracker
-
     study = load_study(target, results_dir)
     out_dir = results_dir / study.grid
     path = build(study, out_dir, target=target)

@@ -23,8 +23,8 @@ from experiments import data as D
 from experiments import evaluate as E
 from experiments import faults
 from experiments import models as M
-from harness.grid import Variant
-from harness.tracking import Tracker
+from harness.core.tracking import Tracker
+from harness.core.variant import Variant
 
 
 class VariantError(RuntimeError):
@@ -114,13 +114,10 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> li
 
 
 def load_tokenizer(ctx: RunContext):
-    tok = M.load_tokenizer(ctx.spec.base_model, _grid_dir(ctx))
-    if tok.pad_token is None:
-        # Documented handling: pad with EOS. Padding positions are masked out of the loss either way.
-        if tok.eos_token is None:
-            raise VariantError(f"tokenizer of {ctx.spec.base_model} has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
+    try:
+        return M.load_padded_tokenizer(ctx.spec.base_model, _grid_dir(ctx))
+    except M.ModelError as e:
+        raise VariantError(str(e)) from None
 
 
 def load_model(ctx: RunContext, tokenizer, *, weights_dtype=None):
@@ -260,10 +257,14 @@ def measurement_setup(ctx: RunContext) -> "E.Setup":
     train_idx = D.select_indices(len(all_train), spec.data.size, spec.data.shuffle_seed)
     train_rows = [D.preference_rows([all_train[i]])[0] | {"category": all_train[i].get("category", "")}
                   for i in train_idx] if D.data_format(all_train[0]) == "preference" else None
-    return E.Setup(eval_rows=eval_rows, eval_indices=list(range(len(eval_rows))), train_rows=train_rows,
-                   train_indices=train_idx, max_length=spec.data.max_length, batch_size=spec.eval.batch_size,
-                   probe_length=spec.eval.probe_length, beta=spec.dpo.beta if spec.method == "dpo_lora" else None,
-                   probe_prompts=E.probe_prompts(), neutral_text=E.neutral_paragraphs())
+    return E.Setup.standard(eval_rows, train_rows=train_rows, train_indices=train_idx,
+                            max_length=spec.data.max_length, batch_size=spec.eval.batch_size,
+                            probe_length=spec.eval.probe_length, beta=implicit_reward_beta(spec))
+
+
+def implicit_reward_beta(spec) -> float | None:
+    """DPO's beta, when the method trains with one (its implicit reward margin is beta × margin shift)."""
+    return spec.dpo.beta if spec.method_record.uses("dpo") else None
 
 
 def fit(trainer, ctx: RunContext) -> dict:

@@ -43,19 +43,9 @@ A model measured on its own (`harness evaluate` without a reference) has `logp_c
 `margin`, `norm_margin` instead of the before/after columns, and metrics `<s>/margin_mean`,
 `<s>/norm_margin_mean`, `<s>/accuracy`, `drift/ppl`.
 
-Summary metrics, logged at the final step (`<s>` is `eval` or `train_pairs`):
-
-    <s>/pairs, <s>/dropped           pairs scored; pairs dropped because the prompt alone fills max_length
-    <s>/margin_before_mean, <s>/margin_after_mean, <s>/margin_shift_mean, <s>/margin_shift_std
-    <s>/norm_margin_before_mean, <s>/norm_margin_after_mean, <s>/norm_margin_shift_mean
-    <s>/accuracy_before, <s>/accuracy_after        fraction of pairs with margin > 0
-    <s>/chosen_shift_mean, <s>/rejected_shift_mean
-    <s>/displaced_frac                             fraction of pairs where both log-probs fell
-    <s>/implicit_reward_margin_mean                dpo_lora only
-    drift/kl_mean, drift/kl_tokens   mean per-token KL(policy || reference) on the probe completions, tokens
-    drift/ppl_before, drift/ppl_after, drift/ppl_change     neutral-text perplexity, and after - before
-    drift/weight_delta_norm          LoRA: sqrt(sum ||scale * B @ A||_F^2); full: ||theta_after - theta_before||
-    eval/seconds                     time spent measuring (before + after)
+Summary metrics, logged at the final step: their keys, meanings and directions are the metric catalogue,
+`harness/core/metrics.py` (`python -m harness metrics` prints it); `summarise` and `after` below produce
+exactly those keys (a test checks it).
 
 With `eval.every: k`, `eval/margin_shift_mean` is also logged every k optimiser steps (with its step).
 """
@@ -106,6 +96,17 @@ class Setup:
     beta: float | None = None  # dpo_lora: report the implicit reward margin
     probe_prompts: list[Any] = field(default_factory=list)
     neutral_text: list[str] = field(default_factory=list)
+
+    @classmethod
+    def standard(cls, eval_rows: list[dict], *, train_rows: list[dict] | None = None,
+                 train_indices: list[int] | None = None, max_length: int, batch_size: int = 8,
+                 probe_length: int = 32, beta: float | None = None) -> Setup:
+        """Every row of `eval_rows` (and `train_rows`), the built-in probe prompts and neutral text: what
+        `fit` measures around training and `harness evaluate` measures without it."""
+        return cls(eval_rows=eval_rows, eval_indices=list(range(len(eval_rows))), train_rows=train_rows,
+                   train_indices=list(train_indices or []), max_length=max_length, batch_size=batch_size,
+                   probe_length=probe_length, beta=beta, probe_prompts=probe_prompts(),
+                   neutral_text=neutral_paragraphs())
 
 
 def probe_prompts() -> list[Any]:

@@ -155,6 +155,17 @@ def load_tokenizer(name: str, base_dir: Path | None = None):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+def load_padded_tokenizer(name: str, base_dir: Path | None = None):
+    """The tokenizer, padding with its EOS token when it has no pad token (documented handling: padding
+    positions are masked out of every loss and score either way)."""
+    tok = load_tokenizer(name, base_dir)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(f"tokenizer of {name} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: int | None = None):
     """The base model, fresh and identical in every process (tiny-random-llama is seeded)."""
     import torch

@@ -3,7 +3,7 @@
     python -m harness.bench_logging [--steps 50] [--metrics 12] [--out results/benchmarks/logging.json]
 
 Compares one `log_metric` call per metric (what a naive callback does) with the single batched
-`log_batch` call per step that `harness.tracking.MlflowTracker.log_metrics` makes. Prints and writes
+`log_batch` call per step that `harness.core.tracking.MlflowTracker.log_metrics` makes. Prints and writes
 per-step milliseconds (median and p90) for each, on a fresh sqlite store in a temporary folder.
 """
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking import MlflowTracker
+    from harness.core.tracking import MlflowTracker
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"

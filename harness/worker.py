@@ -1,13 +1,13 @@
 """One variant in its own process: the executor starts `python -m harness.worker JOB.json`.
 
-The job file names the variant, the MLflow run to log into and the output folder. Progress events go
+The job file names the variant, its method's registry record (so a method registered at run time, by a
+plugin or a test, trains here too), the MLflow run to log into and the output folder. Progress events go
 to stdout as `@@harness {json}` lines; everything else the libraries print goes to the log. Exit codes:
 0 finished, 1 failed (reason in error.json, traceback logged), 130 interrupted.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import sys
@@ -35,9 +35,13 @@ def main(argv: list[str]) -> int:
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from harness.grid import Variant
-    from harness.tracking import MlflowTracker, NullTracker
+    from harness.core import methods
+    from harness.core import runs as R
+    from harness.core.tracking import MlflowTracker, NullTracker
+    from harness.core.variant import Variant
 
+    if job.get("method") and job["method"]["name"] not in methods.names():
+        methods.register(methods.Method.from_json(job["method"]))
     variant = Variant.from_json(job["variant"])
     tracker = MlflowTracker(job["tracking_uri"], job["run_id"]) if job.get("run_id") else NullTracker()
     step = {"step": 0}
@@ -52,18 +56,17 @@ def main(argv: list[str]) -> int:
 
         device = job.get("device") or common.pick_device()
         precision = common.resolve_precision(variant.spec.train.precision, device)
-        tags = {"harness.device": device, "harness.precision": precision}
+        tags = {R.TAG_DEVICE: device, R.TAG_PRECISION: precision}
         if device == "cuda":
             import torch
 
-            tags["harness.gpu"] = torch.cuda.get_device_name()
+            tags[R.TAG_GPU] = torch.cuda.get_device_name()
         tracker.set_tags(tags)
         emit(event="setup", device=device, precision=precision)
         stage_dir = Path(job["stage_dir"]) if job.get("stage_dir") else None
         ctx = common.RunContext(variant=variant, tracker=tracker, out_dir=out_dir, stage_dir=stage_dir,
                                 device=device, precision=precision, is_stage=bool(job.get("is_stage")), emit=emit)
-        method = importlib.import_module(f"experiments.{variant.spec.method}")
-        result = method.train(ctx)
+        result = variant.method.train_function()(ctx)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
         tracker.log_dict(result, "result.json")
         return 0

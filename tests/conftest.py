@@ -35,7 +35,7 @@ def _restore_tracking_uri():
 
 
 # A test or a user may set MLFLOW_TRACKING_URI, and
-# `harness.tracking.default_tracking_uri` honours that variable: without these, an in-process `run` in one test
+# `harness.core.tracking.default_tracking_uri` honours that variable: without these, an in-process `run` in one test
 # would send the next test's runs (in-process or in a subprocess inheriting os.environ) to its own store.
 _tracking_uri_per_test = pytest.fixture(autouse=True)(_restore_tracking_uri)
 _tracking_uri_per_module = pytest.fixture(autouse=True, scope="module")(_restore_tracking_uri)

@@ -397,7 +397,7 @@ def test_stage_output_from_another_config_is_refused(tmp_path):
     recorded.write_text(json.dumps({"variant_id": "0123456789ab"}))
     child = load_grid(grid).by_id()[ids["child"]]
     from experiments import common
-    from harness.tracking import NullTracker
+    from harness.core.tracking import NullTracker
 
     ctx = common.RunContext(variant=child, tracker=NullTracker(), out_dir=tmp_path / "o",
                             stage_dir=results / "runs" / ids["warm"])
@@ -407,7 +407,7 @@ def test_stage_output_from_another_config_is_refused(tmp_path):
 
 def test_no_remote_code_no_pickle_loading_in_source():
     offenders = []
-    for path in [*ROOT.glob("harness/*.py"), *ROOT.glob("experiments/*.py"), *ROOT.glob("analysis/*.py")]:
+    for path in [*ROOT.glob("harness/**/*.py"), *ROOT.glob("experiments/*.py"), *ROOT.glob("analysis/*.py")]:
         text = path.read_text()
         for bad in ("trust_remote_code=True", "torch.load(", "pickle.load", "yaml.load(text)", "use_safetensors=False"):
             if bad in text:

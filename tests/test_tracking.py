@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import tracking as T
+from harness.core import tracking as T
 
 
 def test_redact_url_passwords_and_token_shapes(monkeypatch):

@@ -1,8 +1,9 @@
 """The variant schema: every field one training run can vary, with its default and meaning.
 
 This module *is* the configuration documentation. A grid YAML holds only what differs from these
-defaults (see `harness.grid` for how a grid file is expanded into variants). Nothing here imports
-torch, so `harness plan` and `harness validate` stay fast.
+defaults (see `harness.grid` for how a grid file is expanded into variants). Which sections a method
+reads is its record's business (`harness.core.methods`). Nothing here imports torch, so `harness plan` and
+`harness validate` stay fast.
 
     python -m harness validate configs/two_round.yaml
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-METHODS = ("sft", "lora_sft", "partial_ft", "dpo_lora")
+from harness.core import methods
+
 LORA_PRESETS = ("qv", "qkvo", "all-linear", "all-linear-last-half")
-# Methods whose trained model another variant may start from (`from:`).
-STAGE_METHODS = ("sft", "lora_sft", "partial_ft")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -123,8 +123,9 @@ class VariantSpec(_Strict):
 
     name: str | None = None
     """Label for this variant (shown in run names); also what `from:` refers to. Not part of the id."""
-    method: Literal["sft", "lora_sft", "partial_ft", "dpo_lora"] = "dpo_lora"
-    """Training method: sft (full), lora_sft, partial_ft, dpo_lora (DPO through a LoRA adapter)."""
+    method: str = "dpo_lora"
+    """Training method, a name from the method registry (`harness.core.methods`): sft (full), lora_sft,
+    partial_ft, dpo_lora (DPO through a LoRA adapter)."""
     base_model: str = "smollm2-135m-instruct"
     """smollm2-135m-instruct, tiny-random-llama, a local HF model folder, or a hub id (needs network)."""
     seed: int = 0
@@ -141,19 +142,23 @@ class VariantSpec(_Strict):
     partial_ft: PartialSpec = PartialSpec()
     eval: EvalSpec = EvalSpec()
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in methods.names():
+            raise ValueError(methods.unknown_message(value))
+        return value
 
-# The sections each method actually uses; the others are left out of its id and params, so a grid
-# that varies dpo.beta does not produce five identical SFT runs.
-METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
-    "sft": ("data", "train", "eval"),
-    "lora_sft": ("data", "train", "lora", "eval"),
-    "partial_ft": ("data", "train", "partial_ft", "eval"),
-    "dpo_lora": ("data", "train", "lora", "dpo", "eval"),
-}
+    @property
+    def method_record(self) -> methods.Method:
+        return methods.get(self.method)
 
 
 def relevant_config(spec: VariantSpec) -> dict:
-    """The fields that define what this variant trains, as plain JSON-able data (no `name`)."""
+    """The fields that define what this variant trains, as plain JSON-able data (no `name`).
+
+    Only the sections the method uses (its registry record) are included, so a grid that varies dpo.beta
+    does not produce five identical SFT runs."""
     out: dict = {
         "method": spec.method,
         "base_model": spec.base_model,
@@ -161,7 +166,7 @@ def relevant_config(spec: VariantSpec) -> dict:
         "from": spec.from_,
         "save_weights": spec.save_weights,
     }
-    for section in METHOD_SECTIONS[spec.method]:
+    for section in spec.method_record.sections:
         out[section] = getattr(spec, section).model_dump()
     return out
 
@@ -175,6 +180,34 @@ def flatten(d: dict, prefix: str = "") -> dict:
             out.update(flatten(value, path + "."))
         else:
             out[path] = value
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    """{"lora.rank": 4} -> {"lora": {"rank": 4}}."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def normalise(d: dict) -> dict:
+    """Accept both nested ({lora: {rank: 4}}) and dotted ({lora.rank: 4}) keys."""
+    return unflatten(flatten(d))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, merging nested mappings key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

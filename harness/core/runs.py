@@ -1,0 +1,186 @@
+"""Runs in the MLflow store: the tag names harness writes, and every query that reads runs back.
+
+One experiment per grid; one parent run per invocation (`harness.kind = grid`); one nested child run per
+variant (`harness.kind = variant`, `harness.variant_id = <id>`). The executor (`Store`), the report
+(`analysis.load`) and `harness evaluate` all ask through the functions here, so "the latest FINISHED run
+of a variant" means one thing everywhere.
+
+MLflow is imported lazily, so `harness plan` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from harness.core.tracking import default_tracking_uri, redact, redact_mapping, retry
+
+TAG_VARIANT = "harness.variant_id"
+TAG_GRID = "harness.grid"
+TAG_METHOD = "harness.method"
+TAG_KIND = "harness.kind"  # KIND_GRID (parent) or KIND_VARIANT (child)
+TAG_PID = "harness.executor_pid"
+TAG_HOST = "harness.host"
+TAG_RECOVERED = "harness.recovered"
+TAG_STAGE = "harness.stage_variant_id"  # a child's `from:` stage
+TAG_SOURCE = "harness.source"
+TAG_BASE_MODEL = "harness.base_model"
+TAG_FAILURE_REASON = "harness.failure_reason"
+TAG_FAILURE_STEP = "harness.failure_step"
+TAG_DEVICE = "harness.device"
+TAG_PRECISION = "harness.precision"
+TAG_GPU = "harness.gpu"
+TAG_VARIANT_COUNT = "harness.variants"
+TAG_ARGV = "harness.argv"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+KIND_GRID, KIND_VARIANT = "grid", "variant"
+
+VARIANT_ARTIFACT = "variant.yaml"  # the variant's typed config (what analysis reads back)
+PAIRS_ARTIFACT = "eval/pairs.csv"
+SUMMARY_ARTIFACT = "summary.txt"  # a parent run's outcome table
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+Q_VARIANTS_FINISHED = f"tags.`{TAG_KIND}` = '{KIND_VARIANT}' and attributes.status = 'FINISHED'"
+Q_GRIDS = f"tags.`{TAG_KIND}` = '{KIND_GRID}'"
+Q_RUNNING = "attributes.status = 'RUNNING'"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def client_for(results_dir: Path):
+    """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins)."""
+    uri = default_tracking_uri(results_dir)
+    return client(uri), uri
+
+
+def search(client, experiment_id: str, query: str) -> list:
+    """Every active run of the experiment matching `query`, all pages."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = retry(lambda: client.search_runs([experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY,
+                                                max_results=1000, page_token=token), "search runs")
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def latest_finished(client, experiment_id: str) -> dict[str, Any]:
+    """variant id -> its newest FINISHED run."""
+    latest: dict[str, Any] = {}
+    for run in sorted(search(client, experiment_id, Q_VARIANTS_FINISHED), key=lambda r: r.info.start_time):
+        latest[run.data.tags[TAG_VARIANT]] = run
+    return latest
+
+
+def latest_grid_run(client, experiment_id: str) -> str | None:
+    """The newest parent (grid) run of the experiment, or None."""
+    parents = search(client, experiment_id, Q_GRIDS)
+    return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None
+
+
+def children_of(client, experiment_id: str, parent_run_id: str) -> list:
+    return search(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def is_variant_run(run) -> bool:
+    return run.data.tags.get(TAG_KIND) == KIND_VARIANT
+
+
+def is_grid_run(run) -> bool:
+    return run.data.tags.get(TAG_KIND) == KIND_GRID
+
+
+class Store:
+    """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
+
+    def __init__(self, uri: str, artifact_root: Path):
+        # Every call goes through this explicit client. (mlflow.set_tracking_uri would also export
+        # MLFLOW_TRACKING_URI into os.environ, leaking one store into every later run in this process.)
+        self.uri = uri
+        self.artifact_root = artifact_root
+        if uri.startswith("sqlite:///"):
+            # A new sqlite store is created by running migrations when the client first opens it; several
+            # runners starting at once on one new file would race on that, so they open it under a lock.
+            from filelock import FileLock
+
+            with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                self.client = client(uri)
+                retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+        else:
+            self.client = client(uri)
+
+    def uri_for_display(self) -> str:
+        return redact(self.uri)
+
+    def experiment(self, name: str) -> str:
+        def get_or_create() -> str:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                location = (self.artifact_root / name).resolve().as_uri()
+                return self.client.create_experiment(name, artifact_location=location)
+            except Exception:  # noqa: BLE001 - another process created it first
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                return exp.experiment_id
+
+        return retry(get_or_create, "create experiment")
+
+    def start_run(self, experiment_id: str, run_name: str, tags: dict[str, Any], parent: str | None = None) -> str:
+        tags = {**tags, TAG_PID: os.getpid(), TAG_HOST: socket.gethostname()}
+        if parent:
+            tags[PARENT_TAG] = parent
+        tags = {k: str(v) for k, v in redact_mapping(tags).items()}
+        run = retry(lambda: self.client.create_run(experiment_id, run_name=redact(run_name), tags=tags), "create run")
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str) -> None:
+        retry(lambda: self.client.set_terminated(run_id, status=status), "end run")
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        retry(lambda: self.client.set_tag(run_id, key, redact(str(value))), "set tag")
+
+    def finished(self, experiment_id: str) -> dict[str, str]:
+        """variant id -> run id of its newest FINISHED run."""
+        return {vid: run.info.run_id for vid, run in latest_finished(self.client, experiment_id).items()}
+
+    def recover_orphans(self, experiment_id: str) -> list[str]:
+        """RUNNING runs whose executor process on this host is gone: mark FAILED, tag as recovered."""
+        host = socket.gethostname()
+        recovered = []
+        for run in search(self.client, experiment_id, Q_RUNNING):
+            tags = run.data.tags
+            if tags.get(TAG_HOST) != host or _alive(int(tags.get(TAG_PID, "0") or 0)):
+                continue
+            self.set_tag(run.info.run_id, TAG_RECOVERED, "executor died while this run was RUNNING")
+            self.end_run(run.info.run_id, "FAILED")
+            recovered.append(run.info.run_id)
+        return recovered
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return True

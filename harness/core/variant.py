@@ -1,0 +1,105 @@
+"""A variant: one fully resolved training run, its stable id and its readable run name.
+
+The id is a hash of what defines the run (the fields its method uses, the data files' contents, its stage's
+id), never of its label, so it names MLflow runs and output folders and is the join key for resume and
+analysis. Grids (`harness.grid`) and searches produce variants; the executor runs them; the training code
+reads them. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.core import methods
+from harness.core.schema import VariantSpec, flatten, relevant_config
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One resolved variant of a grid: its spec, stable id and readable run name."""
+
+    spec: VariantSpec
+    id: str
+    run_name: str
+    grid: str
+    source: str  # where in the grid file it came from, e.g. "variants[1] × axes{dpo.beta=0.5}"
+    parent_id: str | None = None
+    data_paths: dict[str, str] = field(default_factory=dict)  # data.train / data.eval -> absolute path
+    grid_dir: str = "."  # relative model folders resolve from here
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.get(self.spec.method)
+
+    def config(self) -> dict:
+        """The fields that define the run (what the id hashes), plus the label."""
+        out = relevant_config(self.spec)
+        out["name"] = self.spec.name
+        return out
+
+    def params(self) -> dict[str, str]:
+        """Flat, string-valued params for the tracker."""
+        flat = flatten(self.config())
+        return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in flat.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "spec": self.spec.model_dump(by_alias=True),
+            "id": self.id,
+            "run_name": self.run_name,
+            "grid": self.grid,
+            "source": self.source,
+            "parent_id": self.parent_id,
+            "data_paths": self.data_paths,
+            "grid_dir": self.grid_dir,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Variant:
+        return cls(**{**d, "spec": VariantSpec.model_validate(d["spec"])})
+
+
+def variant_id(identity: dict) -> str:
+    blob = json.dumps({"schema": SCHEMA_VERSION, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- run names
+
+_SHORT_MODEL = {"smollm2-135m-instruct": "smollm2", "tiny-random-llama": "tiny"}
+# Fields whose value is part of every run name, and short prefixes for others when they vary.
+_ALWAYS_SHOWN = {"method", "base_model", "data.size", "train.epochs", "name"}
+_SHORT_KEYS = {"train.learning_rate": "lr", "seed": "s", "lora.alpha": "a", "data.shuffle_seed": "ds"}
+
+
+def short_model(name: str) -> str:
+    base = name.rstrip("/").split("/")[-1]
+    return _SHORT_MODEL.get(base.lower(), base)
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "+".join(str(x).replace("_proj", "") for x in v)
+    return str(v)
+
+
+def run_name(spec: VariantSpec, varying: set[str]) -> str:
+    """`[name·]method·model·n<size>·e<epochs>` then the method's own parts (`b0.1·r4·qv`), then any other
+    field that varies across the grid (`lr0.0001`)."""
+    method = spec.method_record
+    flat = flatten(spec.model_dump(by_alias=True))
+    parts = [spec.method, short_model(spec.base_model), f"n{spec.data.size or 'all'}", f"e{spec.train.epochs}"]
+    parts += [f"{prefix}{fmt_value(flat[key])}" for key, prefix in method.name_parts]
+    shown = _ALWAYS_SHOWN | {key for m in methods.all_methods() for key, _ in m.name_parts}
+    for key in sorted(varying - shown):
+        if key in flat:
+            parts.append(f"{_SHORT_KEYS.get(key, key.split('.')[-1])}{fmt_value(flat[key])}")
+    label = "·".join(parts)
+    return f"{spec.name}·{label}" if spec.name else label
