@@ -279,7 +279,8 @@ def fit(trainer, ctx: RunContext) -> dict:
     ctx.emit(event="measure", when="before")
     baseline = E.before(model, tokenizer, measurement_setup(ctx))
     if ctx.spec.eval.every:
-        trainer.add_callback(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every, ctx.tracker))
+        trainer.add_callback(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every, ctx.tracker,
+                                             emit=ctx.emit))
     before = param_fingerprint(model)
     t0 = time.monotonic()
     out = trainer.train()

@@ -467,15 +467,18 @@ class IntermediateEval(TrainerCallback):
     The final step is left to `after()`, which logs the same metric there.
     """
 
-    def __init__(self, model, tokenizer, baseline: Baseline, every: int, tracker):
+    def __init__(self, model, tokenizer, baseline: Baseline, every: int, tracker, emit=None):
         self.model, self.tokenizer, self.baseline = model, tokenizer, baseline
         self.every, self.tracker = every, tracker
+        self.emit = emit or (lambda **event: None)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step % self.every == 0 and step < state.max_steps:
             shift = margin_shift_now(self.model, self.tokenizer, self.baseline)
             self.tracker.log_metrics({"eval/margin_shift_mean": shift}, step=step)
+            # the executor hears it too: a search reports it to its pruner
+            self.emit(event="intermediate", intermediate={"step": step, "eval/margin_shift_mean": shift})
 
 
 def write_table(rows: list[dict], path: Path) -> Path:

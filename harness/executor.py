@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +46,8 @@ EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
 @dataclass
 class Outcome:
     variant: Variant
-    status: str  # FINISHED, FAILED, KILLED, SKIPPED (already finished), BLOCKED (stage failed), NOT RUN
+    status: str  # FINISHED, FAILED, KILLED, PRUNED (stopped by its caller), SKIPPED (already finished),
+    # BLOCKED (stage failed), NOT RUN
     run_id: str | None = None
     seconds: float = 0.0
     reason: str = ""
@@ -62,8 +64,9 @@ class Active:
     slot: int
     log: TextIO
     started: float = field(default_factory=time.monotonic)
-    state: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)  # the worker's latest events (step, loss, intermediate values)
     reader: threading.Thread | None = None
+    stop_reason: str = ""  # set when the caller's `watch` stopped it (a pruned trial)
 
 
 def _read_events(act: Active) -> None:
@@ -222,8 +225,10 @@ class Session:
             steps = json.loads(result_path.read_text()).get("global_step")
         else:
             steps = act.state.get("step")
-            status = "KILLED" if interrupted or rc == EXIT_INTERRUPTED else "FAILED"
-            if error_path.is_file():
+            status = "KILLED" if interrupted or rc == EXIT_INTERRUPTED or act.stop_reason else "FAILED"
+            if act.stop_reason:
+                reason = act.stop_reason
+            elif error_path.is_file():
                 reason = json.loads(error_path.read_text())["reason"]
             elif rc < 0:
                 reason = f"worker killed by signal {signal.Signals(-rc).name}"
@@ -233,10 +238,13 @@ class Session:
         log_path = act.out_dir / "worker.log"
         if log_path.is_file():
             tracker.log_text(log_path.read_text(errors="replace")[-2_000_000:], "worker.log")
+        if act.stop_reason:
+            tracker.set_tags({R.TAG_STOPPED: act.stop_reason[:5000]})
         self.store.end_run(act.run_id, status)
         if status == "FINISHED":
             self.finished[act.variant.id] = act.run_id
-        return Outcome(act.variant, status, act.run_id, seconds, reason, steps)
+        label = "PRUNED" if act.stop_reason and not interrupted else status
+        return Outcome(act.variant, label, act.run_id, seconds, reason, steps)
 
     def _reusable(self, v: Variant, stages: set[str]) -> str | None:
         """Run id of a FINISHED run of this variant that can stand for it (a stage also needs its weights)."""
@@ -250,36 +258,64 @@ class Session:
         """Run these variants (stages before their children), skipping finished ones; returns their outcomes
         in the order given. On Ctrl-C / SIGTERM the running ones end KILLED, the rest NOT RUN, and
         `self.interrupted` is set."""
+        outcomes = self._loop(list(enumerate(variants, 1)), total=len(variants))
+        return [outcomes[v.id] for v in variants]
+
+    def run_stream(self, next_variant: Callable[[], Variant | None], *,
+                   on_done: Callable[[Outcome], None] | None = None,
+                   watch: Callable[[Active], str | None] | None = None, total: int | None = None) -> list[Outcome]:
+        """Ask-and-tell: whenever a slot is free, `next_variant()` gives the next variant to run (None: no
+        more); `on_done(outcome)` hears each as it ends (a finished variant is answered from the store as
+        SKIPPED, without training). `watch(active)` is called while a variant runs; a reason it returns stops
+        that variant, which ends PRUNED (KILLED in MLflow, the reason in its tags)."""
+        return list(self._loop([], total=total, next_variant=next_variant, on_done=on_done, watch=watch).values())
+
+    def _loop(self, pending: list[tuple[int, Variant]], *, total: int | None,
+              next_variant: Callable[[], Variant | None] | None = None,
+              on_done: Callable[[Outcome], None] | None = None,
+              watch: Callable[[Active], str | None] | None = None) -> dict[str, Outcome]:
         out = self.stream
-        total = len(variants)
-        stages = {v.parent_id for v in variants if v.parent_id}
+        stages = {v.parent_id for _, v in pending if v.parent_id}
         outcomes: dict[str, Outcome] = {}
-        pending: list[tuple[int, Variant]] = []
-        for i, v in enumerate(variants, 1):
-            done = self._reusable(v, stages)
+        counter = [len(pending)]
+
+        def record(index: int, o: Outcome) -> None:
+            outcomes[o.variant.id] = o
+            self.outcomes[o.variant.id] = o
+            progress.line(outcome_line(index, total or counter[0], o))
+            if on_done is not None:
+                on_done(o)
+
+        for item in list(pending):
+            done = self._reusable(item[1], stages)
             if done:
-                outcomes[v.id] = Outcome(v, "SKIPPED", done, reason="already FINISHED")
-            else:
-                pending.append((i, v))
-        n_skip = len(outcomes)
-        print(f"{self.experiment_name}: {total} variant{'s' if total != 1 else ''}, {n_skip} already finished, "
-              f"{len(pending)} to run — tracking {self.store.uri_for_display()} "
-              f"(experiment {self.experiment_name!r})", file=out, flush=True)
+                outcomes[item[1].id] = self.outcomes[item[1].id] = Outcome(item[1], "SKIPPED", done,
+                                                                          reason="already FINISHED")
+                pending.remove(item)
+        if next_variant is None:
+            n = len(pending) + len(outcomes)
+            print(f"{self.experiment_name}: {n} variant{'s' if n != 1 else ''}, {len(outcomes)} already finished, "
+                  f"{len(pending)} to run — tracking {self.store.uri_for_display()} "
+                  f"(experiment {self.experiment_name!r})", file=out, flush=True)
 
         free = list(range(len(self._slots)))
         active: dict[str, Active] = {}
-        progress = Progress(total, out)
+        progress = Progress(total or counter[0], out)
+        exhausted = next_variant is None
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            while pending or active:
+            while pending or active or not exhausted:
                 for vid, act in list(active.items()):
                     rc = act.proc.poll()
                     if rc is None:
+                        reason = watch(act) if watch is not None and not act.stop_reason else None
+                        if reason:
+                            act.stop_reason = reason
+                            act.proc.send_signal(signal.SIGINT)
                         continue
-                    outcomes[vid] = o = self._finish(act, rc, interrupted=False)
                     free.append(act.slot)
                     del active[vid]
-                    progress.line(outcome_line(act.index, total, o))
+                    record(act.index, self._finish(act, rc, interrupted=False))
                 for item in list(pending):
                     i, v = item
                     if v.parent_id:
@@ -287,35 +323,53 @@ class Session:
                         if stage is None:
                             continue  # stage still pending or running
                         if stage.status not in ("FINISHED", "SKIPPED"):
-                            outcomes[v.id] = Outcome(v, "BLOCKED", reason=f"its stage {stage.variant.run_name} "
-                                                     f"ended {stage.status}")
                             pending.remove(item)
-                            progress.line(outcome_line(i, total, outcomes[v.id]))
+                            record(i, Outcome(v, "BLOCKED", reason=f"its stage {stage.variant.run_name} "
+                                                                   f"ended {stage.status}"))
                             continue
+                    if v.id in active:
+                        continue  # the same variant (a repeated search trial) is training: answer it after
+                    done = self._reusable(v, stages)
+                    if done:
+                        pending.remove(item)
+                        record(i, Outcome(v, "SKIPPED", done, reason="already FINISHED"))
+                        continue
                     if not free:
                         break
                     slot = free.pop(0)
-                    progress.line(f"[{i}/{total}] start {v.run_name} ({v.id})")
+                    progress.line(f"[{i}/{total or counter[0]}] start {v.run_name} ({v.id})")
                     active[v.id] = self._launch(v, i, slot, is_stage=v.id in stages)
                     pending.remove(item)
+                while free and not pending and not exhausted:
+                    v = next_variant()
+                    if v is None:
+                        exhausted = True
+                        break
+                    counter[0] += 1
+                    pending.append((counter[0], v))
+                    if v.id in active:
+                        break  # wait for the running copy, then answer this one from the store
                 progress.refresh(list(active.values()))
-                time.sleep(0.25)
+                if active or pending:
+                    time.sleep(0.25)
         except KeyboardInterrupt:
             self.interrupted = True
             progress.line("interrupted: stopping running variants (they end KILLED)...")
             for act in active.values():
                 _stop(act.proc)
-            for vid, act in active.items():
-                outcomes[vid] = o = self._finish(act, act.proc.wait(), interrupted=True)
-                progress.line(outcome_line(act.index, total, o))
+            for act in active.values():
+                o = self._finish(act, act.proc.wait(), interrupted=True)
+                outcomes[o.variant.id] = self.outcomes[o.variant.id] = o
+                progress.line(outcome_line(act.index, total or counter[0], o))
+                if on_done is not None:
+                    on_done(o)
             for _, v in pending:
-                outcomes[v.id] = Outcome(v, "NOT RUN", reason="interrupted")
+                outcomes[v.id] = self.outcomes[v.id] = o = Outcome(v, "NOT RUN", reason="interrupted")
+                if on_done is not None:
+                    on_done(o)
         finally:
             signal.signal(signal.SIGTERM, old_term)
-        ordered = [outcomes[v.id] for v in variants]
-        for o in ordered:
-            self.outcomes[o.variant.id] = o
-        return ordered
+        return outcomes
 
 
 def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,

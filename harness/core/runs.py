@@ -30,6 +30,7 @@ TAG_SOURCE = "harness.source"
 TAG_BASE_MODEL = "harness.base_model"
 TAG_FAILURE_REASON = "harness.failure_reason"
 TAG_FAILURE_STEP = "harness.failure_step"
+TAG_STOPPED = "harness.stopped"  # why the caller stopped a run early (a pruned search trial); status KILLED
 TAG_DEVICE = "harness.device"
 TAG_PRECISION = "harness.precision"
 TAG_GPU = "harness.gpu"
