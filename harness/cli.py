@@ -3,6 +3,7 @@
     python -m harness plan configs/two_round.yaml       # expanded variants, ids, steps (no torch import)
     python -m harness validate configs/two_round.yaml   # every config error at once; --deep loads models too
     python -m harness run configs/two_round.yaml        # train every variant, tracked in MLflow
+    python -m harness search configs/search_beta_lr.yaml  # Optuna search over beta and learning rate
     python -m harness report two_round                  # results/two_round/report.md + figures, from MLflow
     python -m harness evaluate smollm2-135m-instruct    # margins of a model (or a finished run) on eval pairs
     python -m harness ui                                # MLflow UI on 127.0.0.1 over results/mlflow.db
@@ -84,10 +85,14 @@ def cmd_validate(args) -> int:
 
 
 def _preflight(grid) -> list[str]:
+    return _preflight_variants(grid.path, grid.variants)
+
+
+def _preflight_variants(path, variants) -> list[str]:
     from experiments.common import pick_device
     from harness import preflight
 
-    errors = preflight.check(grid, pick_device())
+    errors = preflight.check_variants(path, variants, pick_device())
     if errors:
         print(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
         for line in errors:
@@ -106,12 +111,52 @@ def cmd_run(args) -> int:
     return run_grid(grid, _results_dir(args), force=args.force, jobs=args.jobs, argv=sys.argv)
 
 
+def cmd_search(args) -> int:
+    from harness.grid import GridError
+    from harness.search import Search, export_grid, load_search
+
+    if args.workers < 1 or (args.trials is not None and args.trials < 1):
+        print("search: --workers and --trials take a positive integer", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        spec = load_search(args.file)
+    except GridError as e:
+        print(f"{len(e.errors)} problem(s) in {args.file}:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if _preflight_variants(args.file, [spec_variant(spec)]):
+        return EXIT_BAD_INPUT
+    search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
+                    storage_url=args.storage, argv=sys.argv)
+    rc = search.run()
+    if args.export and rc != 130:
+        try:
+            print(f"exported the best trial(s) to {export_grid(search.study, spec, Path(args.export))}")
+        except GridError as e:
+            print(f"search: --export: {e}", file=sys.stderr)
+            return rc or 1
+    return rc
+
+
+def spec_variant(spec):
+    """The search's base variant (bounds are checked separately), for the pre-flight checks."""
+    from harness.grid import check, expand, identify
+
+    errors: list[str] = []
+    candidates = expand(spec.raw, errors)
+    return identify(spec.raw, candidates, check(spec.raw, candidates, errors)).variants[0]
+
+
 def cmd_report(args) -> int:
+    from analysis import study
     from analysis.load import StudyError
     from analysis.report import write_report
 
+    results = _results_dir(args)
     try:
-        path = write_report(args.target, _results_dir(args))
+        path = study.build(args.target, results) if study.is_search(args.target, results) else write_report(
+            args.target, results)
     except StudyError as e:
         print(f"report: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -215,9 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_run)
 
+    s = sub.add_parser("search", help="Optuna search over any variant field (beta, learning rate, rank, ...)",
+                       epilog="examples: python -m harness search configs/search_beta_lr.yaml; "
+                       "python -m harness search configs/search_beta_lr.yaml --trials 12 --workers 2 --export best.yaml")
+    s.add_argument("file", help="a search file: a one-variant grid plus a search: block")
+    s.add_argument("--trials", type=int, help="trials the study should hold (default: search.trials); a rerun "
+                   "continues the study up to this many")
+    s.add_argument("--workers", type=int, default=1, help="trials at once, each in its own process (default 1)")
+    s.add_argument("--timeout", type=float, help="ask no new trial after this many seconds")
+    s.add_argument("--storage", help="Optuna RDB URL (e.g. postgresql://...) to share the study between machines "
+                   "(default: a journal file results/search/<name>.journal)")
+    s.add_argument("--export", help="write a grid that reproduces the best trial(s) here")
+    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
+    s.set_defaults(fn=cmd_search)
+
     s = sub.add_parser("report", help="write results/<grid>/report.md and figures from the logged runs",
                        epilog="examples: python -m harness report two_round; python -m harness report <parent run id>")
-    s.add_argument("target", help="grid name (latest finished run of each variant) or a parent run id")
+    s.add_argument("target", help="grid or search name (latest finished run of each variant; a search gets a "
+                   "study writeup) or a parent run id")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_report)
 
@@ -248,4 +308,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file otherwise
     return args.fn(args)

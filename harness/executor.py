@@ -108,7 +108,7 @@ class Session:
     def __init__(self, experiment: str, results_dir: Path, *, parent_name: str | None = None,
                  kind: str = R.KIND_GRID, parent_tags: dict | None = None, parent_params: dict | None = None,
                  parent_files: dict[str, str] | None = None, force: bool = False, jobs: int | None = None,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, reuse_parent: str | None = None):
         self.experiment_name = experiment
         self.results_dir = results_dir.resolve()
         self.runs_dir = self.results_dir / "runs"
@@ -129,6 +129,8 @@ class Session:
         self.parent_run = ""
         self.parent: MlflowTracker | None = None
         self.finished: dict[str, str] = {}
+        self.reuse_parent = reuse_parent  # continue this parent run (a resumed search) instead of a new one
+        self.child_tags: dict[str, dict] = {}  # variant id -> extra tags for its run (a search's trial number)
         self._slots = _slots(jobs)
 
     # -------------------------------------------------------- open / close
@@ -149,12 +151,16 @@ class Session:
         if recovered:
             print(f"marked {len(recovered)} orphaned RUNNING run(s) FAILED (their executor died)", file=self.stream)
         self.finished = {} if self.force else self.store.finished(self.exp)
-        self.parent_run = self.store.start_run(self.exp, self.parent_name,
-                                               {**self._base_tags(), R.TAG_KIND: self.kind, **self.parent_tags})
+        tags = {**self._base_tags(), R.TAG_KIND: self.kind, **self.parent_tags}
+        if self.reuse_parent and self.store.reopen_run(self.reuse_parent, tags):
+            self.parent_run = self.reuse_parent
+        else:
+            self.parent_run = self.store.start_run(self.exp, self.parent_name, tags)
         self.parent = MlflowTracker(self.uri, self.parent_run)
         for name, text in self.parent_files.items():
             self.parent.log_text(text, name)
-        self.parent.log_params({**self.parent_params, "force": self.force})
+        if self.parent_run != self.reuse_parent:  # params are immutable: a reopened run keeps its first ones
+            self.parent.log_params({**self.parent_params, "force": self.force})
         return self
 
     @property
@@ -180,7 +186,7 @@ class Session:
 
     def _start_child(self, v: Variant) -> str:
         tags = {**self._base_tags(), R.TAG_KIND: R.KIND_VARIANT, R.TAG_VARIANT: v.id, R.TAG_METHOD: v.spec.method,
-                R.TAG_SOURCE: v.source, R.TAG_BASE_MODEL: v.spec.base_model}
+                R.TAG_SOURCE: v.source, R.TAG_BASE_MODEL: v.spec.base_model, **self.child_tags.get(v.id, {})}
         if v.parent_id:
             tags[R.TAG_STAGE] = v.parent_id
         run_id = self.store.start_run(self.exp, v.run_name, tags, parent=self.parent_run)

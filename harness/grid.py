@@ -139,6 +139,7 @@ class RawGrid:
     explicit_entries: bool  # the file has a `variants:` list (sources read "variants[i]", else "defaults")
     axes: list[tuple[str, list]]  # (dotted key, values) per swept field
     excludes: list[dict]  # flat {dotted key: value} per exclude entry
+    extra: dict = field(default_factory=dict)  # top-level sections a caller asked for (a search's `search:`)
 
     @property
     def file(self) -> str:
@@ -166,7 +167,7 @@ class Candidate:
 # ---------------------------------------------------------------- step 1: read
 
 
-def read(path: str | Path, errors: list[str]) -> RawGrid:
+def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = ()) -> RawGrid:
     """Load the YAML and check its shape. A wrong top level raises GridError (nothing later can run without
     it); problems inside the sections go to `errors`, so the later steps can still report theirs."""
     path = Path(path)
@@ -175,10 +176,11 @@ def read(path: str | Path, errors: list[str]) -> RawGrid:
     if not isinstance(raw, dict):
         raise GridError([f"{file}: expected a mapping at the top level (name:, defaults:, variants:, axes:)"])
     fatal: list[str] = []
+    allowed = GRID_KEYS + extra_keys
     for key in raw:
-        if key not in GRID_KEYS:
-                fatal.append(f"{file}: unknown top-level key '{key}'{_suggest(str(key), list(GRID_KEYS))} "
-                         f"(valid: {', '.join(GRID_KEYS)})")
+        if key not in allowed:
+            fatal.append(f"{file}: unknown top-level key '{key}'{_suggest(str(key), list(allowed))} "
+                         f"(valid: {', '.join(allowed)})")
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         fatal.append(f"{file}: name: expected a short identifier like 'two_round' (letters, digits, _ . -), "
@@ -216,7 +218,7 @@ def read(path: str | Path, errors: list[str]) -> RawGrid:
         flat_excludes.append(flat)
     return RawGrid(path=path, name=name, description=str(raw.get("description", "")), defaults=normalise(defaults),
                    entries=entries_n, explicit_entries=bool(raw.get("variants")), axes=axis_leaves,
-                   excludes=flat_excludes)
+                   excludes=flat_excludes, extra={k: raw[k] for k in extra_keys if k in raw})
 
 
 def _axis_leaves(axes: dict, path: str, errors: list[str]) -> list[tuple[str, list]]:

@@ -12,15 +12,20 @@ from pathlib import Path
 from experiments import common
 from experiments import data as D
 from experiments import models as M
+from harness.core.variant import Variant
 from harness.grid import Grid
 
 
 def check(grid: Grid, device: str) -> list[str]:
+    return check_variants(grid.path, grid.variants, device)
+
+
+def check_variants(path, variants: list[Variant], device: str) -> list[str]:
     errors: list[str] = []
     skeletons: dict[str, object] = {}
     tokenizers: dict[str, object] = {}
-    for v in grid.variants:
-        spec, where = v.spec, f"{grid.path}: {v.source}"
+    for v in variants:
+        spec, where = v.spec, f"{path}: {v.source}"
         try:
             common.resolve_precision(spec.train.precision, device)
         except common.VariantError as e:

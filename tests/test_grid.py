@@ -110,7 +110,7 @@ def test_unknown_preset_method_and_model(grid_file):
     """)))
     assert "unknown preset 'qkv'" in errs and "did you mean 'qkvo'" in errs
     assert "Did you mean 'tiny-random-llama'" in errs
-    assert "variants[1].method" in errs and "'sft', 'lora_sft', 'partial_ft' or 'dpo_lora'" in errs
+    assert "variants[1].method: unknown method 'dpo'" in errs and "Available: sft, lora_sft, partial_ft, dpo_lora" in errs
 
 
 def test_bad_data_names_file_and_rows(grid_file, tmp_path):

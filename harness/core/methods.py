@@ -114,7 +114,7 @@ def get(name: str) -> Method:
 
 def unknown_message(name: Any) -> str:
     close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.6)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
+    hint = f" — did you mean '{close[0]}'?" if close else "."
     return f"unknown method {name!r}{hint} Available: {', '.join(_REGISTRY)}"
 
 

@@ -38,7 +38,11 @@ TAG_VARIANT_COUNT = "harness.variants"
 TAG_ARGV = "harness.argv"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-KIND_GRID, KIND_VARIANT = "grid", "variant"
+KIND_GRID, KIND_VARIANT, KIND_SEARCH = "grid", "variant", "search"
+TAG_STUDY = "harness.study"  # a search's study name, on its parent and on every trial's run
+TAG_TRIAL = "harness.trial"  # a trial's number in its study
+TAG_TRIAL_STATE = "harness.trial_state"  # COMPLETE, PRUNED or FAIL, as told to Optuna
+TAG_STORAGE = "harness.search_storage"  # where the study lives: journal:<path under results/> or a redacted URL
 
 VARIANT_ARTIFACT = "variant.yaml"  # the variant's typed config (what analysis reads back)
 PAIRS_ARTIFACT = "eval/pairs.csv"
@@ -47,6 +51,7 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 Q_VARIANTS_FINISHED = f"tags.`{TAG_KIND}` = '{KIND_VARIANT}' and attributes.status = 'FINISHED'"
 Q_GRIDS = f"tags.`{TAG_KIND}` = '{KIND_GRID}'"
+Q_SEARCHES = f"tags.`{TAG_KIND}` = '{KIND_SEARCH}'"
 Q_RUNNING = "attributes.status = 'RUNNING'"
 
 
@@ -85,9 +90,15 @@ def latest_finished(client, experiment_id: str) -> dict[str, Any]:
 
 
 def latest_grid_run(client, experiment_id: str) -> str | None:
-    """The newest parent (grid) run of the experiment, or None."""
-    parents = search(client, experiment_id, Q_GRIDS)
+    """The newest parent run (of a grid or a search) of the experiment, or None."""
+    parents = search(client, experiment_id, Q_GRIDS) + search(client, experiment_id, Q_SEARCHES)
     return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None
+
+
+def latest_search_run(client, experiment_id: str):
+    """The newest search parent run of the experiment (the study's run), or None."""
+    parents = search(client, experiment_id, Q_SEARCHES)
+    return max(parents, key=lambda r: r.info.start_time) if parents else None
 
 
 def children_of(client, experiment_id: str, parent_run_id: str) -> list:
@@ -99,7 +110,8 @@ def is_variant_run(run) -> bool:
 
 
 def is_grid_run(run) -> bool:
-    return run.data.tags.get(TAG_KIND) == KIND_GRID
+    """A parent run: one grid invocation, or a search's study."""
+    return run.data.tags.get(TAG_KIND) in (KIND_GRID, KIND_SEARCH)
 
 
 class Store:
@@ -148,6 +160,23 @@ class Store:
         run = retry(lambda: self.client.create_run(experiment_id, run_name=redact(run_name), tags=tags), "create run")
         return run.info.run_id
 
+    def reopen_run(self, run_id: str, tags: dict[str, Any]) -> bool:
+        """Mark an ended run of this store RUNNING again under this process (a resumed search's parent).
+        False if it is gone or deleted."""
+        try:
+            run = retry(lambda: self.client.get_run(run_id), "get run")
+        except Exception:  # noqa: BLE001 - MLflow raises RestException for a missing run
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in redact_mapping({**tags, TAG_PID: os.getpid(),
+                                                               TAG_HOST: socket.gethostname()}).items()]
+        retry(lambda: self.client.log_batch(run_id, tags=items), "tag reopened run")
+        return True
+
     def end_run(self, run_id: str, status: str) -> None:
         retry(lambda: self.client.set_terminated(run_id, status=status), "end run")
 
@@ -164,7 +193,7 @@ class Store:
         recovered = []
         for run in search(self.client, experiment_id, Q_RUNNING):
             tags = run.data.tags
-            if tags.get(TAG_HOST) != host or _alive(int(tags.get(TAG_PID, "0") or 0)):
+            if tags.get(TAG_HOST) != host or alive(int(tags.get(TAG_PID, "0") or 0)):
                 continue
             self.set_tag(run.info.run_id, TAG_RECOVERED, "executor died while this run was RUNNING")
             self.end_run(run.info.run_id, "FAILED")
@@ -172,7 +201,7 @@ class Store:
         return recovered
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
