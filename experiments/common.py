@@ -23,6 +23,7 @@ from experiments import data as D
 from experiments import evaluate as E
 from experiments import faults
 from experiments import models as M
+from experiments import refcache
 from harness.core.tracking import Tracker
 from harness.core.variant import Variant
 
@@ -45,6 +46,8 @@ class RunContext:
     precision: str = "fp32"
     is_stage: bool = False  # another variant starts from this one's model
     emit: Any = field(default=lambda **event: None)  # progress events to the executor
+    cache_dir: Path | None = None  # shared caches (the reference measurement), e.g. results/cache
+    train_indices: list[int] = field(default_factory=list)  # file rows of the training rows kept by the audit
 
     @property
     def spec(self):
@@ -84,7 +87,9 @@ def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
     """Selected training rows for this variant (before the audit drops unusable ones)."""
     spec = ctx.spec
     path = Path(ctx.variant.data_paths["train"])
-    rows = D.select(D.read_rows(path), spec.data.size, spec.data.shuffle_seed)
+    all_rows = D.read_rows(path)
+    ctx.train_indices = D.select_indices(len(all_rows), spec.data.size, spec.data.shuffle_seed)
+    rows = [all_rows[i] for i in ctx.train_indices]
     rows = D.preference_rows(rows) if kind == "preference" else D.sft_rows(rows)
     return rows
 
@@ -107,6 +112,7 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> li
         raise VariantError(f"{report['file']}: no usable rows for this variant: {report['rows']} selected, "
                            f"{report['fully_truncated']} fully truncated at max_length={report['max_length']}, "
                            f"{report['chosen_eq_rejected']} chosen == rejected, {report['empty']} empty")
+    ctx.train_indices = [idx for i, idx in enumerate(ctx.train_indices) if i not in unusable]
     return [r for i, r in enumerate(rows) if i not in unusable]
 
 
@@ -267,9 +273,22 @@ def implicit_reward_beta(spec) -> float | None:
     return spec.dpo.beta if spec.method_record.uses("dpo") else None
 
 
-def fit(trainer, ctx: RunContext) -> dict:
+def reference_cache(ctx: RunContext, model) -> refcache.ReferenceCache:
+    """The cache of reference measurements for this variant's reference (its stage's model, or its base)."""
+    memo = ctx.cache_dir / "digests" if ctx.cache_dir else None
+    if ctx.stage_dir is not None:
+        weights = refcache.weights_identity(ctx.stage_dir / "model", "", memo)
+    else:
+        folder = M.weights_folder(ctx.spec.base_model, _grid_dir(ctx))
+        recipe = M.recipe(ctx.spec.base_model) if folder is None else ""
+        weights = refcache.weights_identity(folder, recipe, memo) if folder or recipe else "unhashable:hub"
+    return refcache.ReferenceCache(ctx.cache_dir / "reference" if ctx.cache_dir else None, weights, model)
+
+
+def fit(trainer, ctx: RunContext, *, before_train=None) -> dict:
     """Measure the reference, train, measure again; log which parameters moved, the margins and the drift.
-    Returns a summary for result.json."""
+    `before_train(trainer, baseline)` lets a method reuse the reference measurement (DPO's reference
+    log-probs). Returns a summary for result.json."""
     model = trainer.model
     tokenizer = trainer.processing_class
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -277,7 +296,13 @@ def fit(trainer, ctx: RunContext) -> dict:
     n_total = sum(p.numel() for p in model.parameters())
     ctx.tracker.log_metrics({"params/trainable_numel": n_trainable, "params/total_numel": n_total}, step=0)
     ctx.emit(event="measure", when="before")
-    baseline = E.before(model, tokenizer, measurement_setup(ctx))
+    cache = reference_cache(ctx, model)
+    baseline = E.before(model, tokenizer, measurement_setup(ctx), cache=cache)
+    if cache.hits:  # which parts of the reference measurement were reused (1) or computed and stored (0)
+        ctx.tracker.log_metrics({f"cache/reference_{part}_hit": float(hit) for part, hit in cache.hits.items()},
+                                step=0)
+    if before_train is not None:
+        before_train(trainer, baseline)
     if ctx.spec.eval.every:
         trainer.add_callback(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every, ctx.tracker,
                                              emit=ctx.emit))

@@ -3,6 +3,11 @@
 The reference is the starting model with the adapter disabled: the base model, or, with `from: <stage>`,
 that SFT stage's trained model. Run through a grid: `method: dpo_lora`, `dpo: {beta, loss_type}`,
 `lora: {rank, alpha, targets}`.
+
+The reference log-probs of the training pairs are the ones the measurement already took before training
+(same tokenisation, same reference, cached across variants by `experiments.refcache`): they are handed to TRL
+as its precomputed `ref_chosen_logps` / `ref_rejected_logps` columns, so no training step runs a reference
+forward pass. `HARNESS_REFERENCE_CACHE=off` leaves TRL to compute them itself.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from experiments import common
+from experiments import common, refcache
 
 
 def train(ctx: common.RunContext) -> dict:
@@ -22,6 +27,24 @@ def train(ctx: common.RunContext) -> dict:
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=common.lora_config(ctx, model),
                          callbacks=[common.HarnessCallback(ctx)])
-    result = common.fit(trainer, ctx)
+    result = common.fit(trainer, ctx, before_train=lambda t, baseline: supply_reference_logps(t, ctx, baseline))
     common.save_adapter(trainer.model, tokenizer, ctx)
     return result
+
+
+def supply_reference_logps(trainer, ctx: common.RunContext, baseline) -> bool:
+    """Give TRL the reference log-probs the measurement took, row by row; False (TRL computes them per step)
+    when they cannot be matched to every training row or the reuse is switched off."""
+    reused = False
+    scored = dict(zip((p.index for p in baseline.pairs.get("train", [])), baseline.logps.get("train", []),
+                      strict=True))
+    dataset = trainer.train_dataset
+    if (refcache.enabled() and not trainer.precompute_ref_logps and len(dataset) == len(ctx.train_indices)
+            and all(i in scored for i in ctx.train_indices)):
+        # the tokenised dataset keeps the order of the rows it was built from (TRL drops no row the audit kept)
+        trainer.train_dataset = (dataset.add_column("ref_chosen_logps", [scored[i][0] for i in ctx.train_indices])
+                                 .add_column("ref_rejected_logps", [scored[i][1] for i in ctx.train_indices]))
+        trainer.precompute_ref_logps = True  # TRL's switch: read the reference from the batch, skip its forward
+        reused = True
+    ctx.tracker.log_metrics({"cache/reference_logps_reused": float(reused)}, step=0)
+    return reused

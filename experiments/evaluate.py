@@ -355,8 +355,10 @@ class Baseline:
     seconds: float = 0.0
 
 
-def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None) -> Baseline:
-    """Score everything under the reference. `keep_weights` defaults to: not a PEFT model."""
+def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None, cache=None) -> Baseline:
+    """Score everything under the reference. `keep_weights` defaults to: not a PEFT model. With a
+    `refcache.ReferenceCache`, each part (the evaluation pairs with the probes and the neutral text; the training
+    pairs) is read from the cache when an entry with the same content key exists, and stored otherwise."""
     t0 = time.monotonic()
     pad = tokenizer.pad_token_id
     pairs, dropped = {}, {}
@@ -365,15 +367,46 @@ def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None) 
     if setup.train_rows is not None:
         pairs["train"], dropped["train"] = encode_pairs(tokenizer, setup.train_rows, setup.train_indices, "train",
                                                         setup.max_length)
+    logps: dict[str, list[tuple[float, float]]] = {}
     with inference(model), reference_of(model):
-        logps = {split: pair_logps(model, ps, pad, setup.batch_size) for split, ps in pairs.items()}
-        probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length, setup.batch_size)
-        probe_lp = position_logprobs(model, probes, pad, setup.batch_size)
-        ppl = perplexity(model, tokenizer, setup.neutral_text, setup.max_length, setup.batch_size)
+        content = {"pairs": _pair_ids(pairs["eval"]), "batch_size": setup.batch_size,
+                   "probes": [prompt_ids(tokenizer, p) for p in setup.probe_prompts],
+                   "probe_length": setup.probe_length, "eos": tokenizer.eos_token_id, "pad": pad,
+                   "neutral": [list(tokenizer(text=p)["input_ids"]) for p in setup.neutral_text],
+                   "max_length": setup.max_length}
+        key = cache.key("eval", content) if cache is not None else None
+        hit = cache.get("eval", key) if cache is not None else None
+        if hit is not None and len(hit["logps"]) == len(pairs["eval"]):
+            logps["eval"] = [tuple(x) for x in hit["logps"]]
+            probes = [(list(ids), n) for ids, n in hit["probes"]]
+            probe_lp = [hit["tensors"][f"probe_{i}"] for i in range(len(probes))]
+            ppl = hit["ppl"]
+        else:
+            logps["eval"] = pair_logps(model, pairs["eval"], pad, setup.batch_size)
+            probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length, setup.batch_size)
+            probe_lp = position_logprobs(model, probes, pad, setup.batch_size)
+            ppl = perplexity(model, tokenizer, setup.neutral_text, setup.max_length, setup.batch_size)
+            if cache is not None:
+                cache.put("eval", key, {"logps": logps["eval"], "probes": probes, "ppl": ppl},
+                          {f"probe_{i}": t for i, t in enumerate(probe_lp)})
+        if "train" in pairs:
+            content = {"pairs": _pair_ids(pairs["train"]), "batch_size": setup.batch_size}
+            key = cache.key("train", content) if cache is not None else None
+            hit = cache.get("train", key) if cache is not None else None
+            if hit is not None and len(hit["logps"]) == len(pairs["train"]):
+                logps["train"] = [tuple(x) for x in hit["logps"]]
+            else:
+                logps["train"] = pair_logps(model, pairs["train"], pad, setup.batch_size)
+                if cache is not None:
+                    cache.put("train", key, {"logps": logps["train"]})
     if keep_weights is None:
         keep_weights = not is_peft(model)
     weights = snapshot(model) if keep_weights else None
     return Baseline(setup, pairs, dropped, logps, probes, probe_lp, ppl, weights, time.monotonic() - t0)
+
+
+def _pair_ids(pairs: list[Pair]) -> list:
+    return [[p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]
 
 
 def pair_rows(pairs: list[Pair], before_: list[tuple[float, float]],

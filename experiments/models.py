@@ -166,6 +166,22 @@ def load_padded_tokenizer(name: str, base_dir: Path | None = None):
     return tok
 
 
+def weights_folder(name: str, base_dir: Path | None = None) -> Path | None:
+    """The folder holding a model's safetensors weights; None for the in-process test model or a hub id."""
+    if name == TINY:
+        return None
+    if name == SMOLLM2:
+        return materialise_smollm2()
+    return local_path(name, base_dir or Path.cwd())
+
+
+def recipe(name: str) -> str:
+    """How an in-process model is built (its content identity), or "" for a model with weight files."""
+    if name != TINY:
+        return ""
+    return f"{TINY}:seed1234:{tiny_config(len(tiny_tokenizer())).to_json_string(use_diff=False)}"
+
+
 def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: int | None = None):
     """The base model, fresh and identical in every process (tiny-random-llama is seeded)."""
     import torch

@@ -203,7 +203,7 @@ class Session:
         out_dir.mkdir(parents=True)
         job = {"variant": v.to_json(), "method": v.method.to_json(), "tracking_uri": self.uri, "run_id": run_id,
                "out_dir": str(out_dir), "stage_dir": str(self.runs_dir / v.parent_id) if v.parent_id else None,
-               "is_stage": is_stage}
+               "is_stage": is_stage, "cache_dir": str(self.results_dir / "cache")}
         job_path = out_dir / "job.json"
         job_path.write_text(json.dumps(job, indent=1))
         env = dict(os.environ)

@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
         emit(event="setup", device=device, precision=precision)
         stage_dir = Path(job["stage_dir"]) if job.get("stage_dir") else None
         ctx = common.RunContext(variant=variant, tracker=tracker, out_dir=out_dir, stage_dir=stage_dir,
-                                device=device, precision=precision, is_stage=bool(job.get("is_stage")), emit=emit)
+                                device=device, precision=precision, is_stage=bool(job.get("is_stage")), emit=emit,
+                                cache_dir=Path(job["cache_dir"]) if job.get("cache_dir") else None)
         result = variant.method.train_function()(ctx)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
         tracker.log_dict(result, "result.json")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from experiments import data as D
 from harness.grid import GridError, load_grid
@@ -25,6 +26,11 @@ def test_shipped_configs_validate():
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "no shipped configs found"
     for path in configs:
+        if "search" in yaml.safe_load(path.read_text()):  # a search file: a one-variant grid + search:
+            from harness.search import load_search
+
+            assert load_search(path).space, path
+            continue
         grid = load_grid(path)
         assert grid.variants, path
 

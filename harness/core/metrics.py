@@ -64,6 +64,12 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("drift/ppl_change", "ppl_after - ppl_before", "lower"),
     Metric("drift/weight_delta_norm", "LoRA: sqrt(Σ‖scale·B@A‖²); full methods: ‖θ_after − θ_before‖", "neither"),
     Metric("eval/seconds", "time spent measuring (before + after)", "lower", "s"),
+    Metric("cache/reference_eval_hit", "1 if the reference's held-out pairs, probes and neutral text were "
+           "read from the reference cache, 0 if measured (and stored)", "neither"),
+    Metric("cache/reference_train_hit", "the same for the reference log-probs of the variant's training pairs",
+           "neither"),
+    Metric("cache/reference_logps_reused", "dpo_lora: 1 if TRL was given those reference log-probs instead of "
+           "running a reference forward pass every step", "neither"),
     # a model measured on its own (`harness evaluate` without a reference)
     Metric("<s>/margin_mean", "a model alone: mean margin logp(chosen) - logp(rejected)", "higher", "nats"),
     Metric("<s>/norm_margin_mean", "a model alone: mean per-token margin", "higher", "nats/token"),

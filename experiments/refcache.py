@@ -1,0 +1,137 @@
+"""The reference side of the measurement, computed once and shared by every variant that has the same reference.
+
+Every variant of a sweep over beta, learning rate or seed measures the same reference: the same starting
+weights, the same evaluation pairs, probe prompts and neutral text. This cache stores what `evaluate.before`
+computes under the reference (log-probs of the evaluation pairs, the greedy probe completions and their
+next-token distributions, the neutral-text perplexity; and, separately, the log-probs of a variant's training
+pairs) under a key made of *content*, never names:
+
+- the reference weights: a SHA-256 of their safetensors files (memoised by path, size and mtime), or the
+  recipe of the in-process test model;
+- the token ids actually scored (which covers the data files, the tokenizer, its chat template, `max_length`
+  truncation and the probe prompts), `probe_length`, the measurement batch size;
+- the model's dtype and device, and the torch and transformers versions.
+
+A changed byte in any of these makes a new key, so a stale entry is never used. Entries live in
+`results/cache/reference/` as safetensors (tensors) plus JSON (numbers), written atomically, so concurrent
+workers can share the folder. `HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training
+pairs' reference log-probs by TRL, see `experiments/dpo_lora.py`) off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENV_SWITCH = "HARNESS_REFERENCE_CACHE"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "on").lower() not in ("off", "0", "false", "no")
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path, memo_dir: Path | None) -> str:
+    """SHA-256 of a file, memoised under `memo_dir` by (path, size, mtime) so a 500 MB model is hashed once."""
+    stat = path.stat()
+    memo = None
+    if memo_dir is not None:
+        memo = memo_dir / (_sha([str(path.resolve()), stat.st_size, stat.st_mtime_ns])[:32] + ".sha256")
+        if memo.is_file():
+            return memo.read_text().strip()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(memo, digest.encode())
+    return digest
+
+
+def weights_identity(folder: Path | None, recipe: str, memo_dir: Path | None) -> str:
+    """Content identity of a model's weights: the digests of its safetensors files, or a recipe string for a
+    model built in-process (deterministic by construction)."""
+    if folder is None:
+        return f"recipe:{recipe}"
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return f"unhashable:{folder}"  # no cache for weights we cannot fingerprint
+    return "sha256:" + _sha([file_digest(f, memo_dir) for f in files])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ReferenceCache:
+    """get/put of one part of a reference measurement ("eval" or "train") by content key."""
+
+    def __init__(self, folder: Path | None, weights: str, model):
+        self.folder = folder if (folder is not None and enabled() and not weights.startswith("unhashable")) else None
+        param = next(model.parameters())
+        self.context = {"weights": weights, "dtype": str(param.dtype), "device": param.device.type,
+                        "torch": torch.__version__, "transformers": _version("transformers"), "format": 1}
+        self.hits: dict[str, bool] = {}
+
+    def key(self, part: str, content: Any) -> str:
+        return _sha({**self.context, "part": part, "content": content})
+
+    def get(self, part: str, key: str) -> dict | None:
+        if self.folder is None:
+            return None
+        meta_path = self.folder / f"{key}.json"
+        if not meta_path.is_file():
+            self.hits[part] = False
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = {}
+            if meta.get("tensors"):
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(self.folder / f"{key}.safetensors"))
+        except (OSError, ValueError):  # a torn or foreign file: recompute (and overwrite it)
+            self.hits[part] = False
+            return None
+        self.hits[part] = True
+        return {**meta["values"], **{"tensors": tensors}}
+
+    def put(self, part: str, key: str, values: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if tensors:
+            from safetensors.torch import save
+
+            _atomic_write(self.folder / f"{key}.safetensors",
+                          save({k: v.contiguous() for k, v in tensors.items()}))
+        # the JSON goes last: its presence is what makes the entry visible
+        _atomic_write(self.folder / f"{key}.json",
+                      json.dumps({"part": part, "values": values, "tensors": bool(tensors)}).encode())
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
