@@ -30,15 +30,22 @@ def _results_dir(args) -> Path:
     return Path(args.results or os.environ.get("HARNESS_RESULTS_DIR") or "results")
 
 
+def _say(*parts, file=None) -> None:
+    """print, with secrets masked: names, descriptions and echoed values come from user files."""
+    from harness.core.tracking import redact
+
+    print(redact(" ".join(str(p) for p in parts)), file=file or sys.stdout)
+
+
 def _load(path: str, *, check_data: bool = True):
     from harness.grid import GridError, load_grid
 
     try:
         return load_grid(path, check_data=check_data)
     except GridError as e:
-        print(f"{len(e.errors)} problem(s) in {path}:", file=sys.stderr)
+        _say(f"{len(e.errors)} problem(s) in {path}:", file=sys.stderr)
         for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}", file=sys.stderr)
         return None
 
 
@@ -53,6 +60,8 @@ def _steps(v) -> int:
 
 
 def cmd_plan(args) -> int:
+    from harness.core.tracking import redact
+
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
@@ -61,12 +70,12 @@ def cmd_plan(args) -> int:
     by_id = grid.by_id()
     for i, v in enumerate(grid.variants, 1):
         parent = by_id[v.parent_id].run_name if v.parent_id else ""
-        rows.append((str(i), v.id, v.run_name, v.spec.method, str(_steps(v)), parent, v.source))
+        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
+        _say("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
     extra = f"; {grid.collapsed} duplicate(s) collapsed by id" if grid.collapsed else ""
-    print(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
+    _say(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
           f"optimiser steps in total{extra}")
     return 0
 
@@ -79,7 +88,7 @@ def cmd_validate(args) -> int:
         errors = _preflight(grid)
         if errors:
             return EXIT_BAD_INPUT
-    print(f"{args.grid}: ok ({len(grid.variants)} variants)")
+    _say(f"{args.grid}: ok ({len(grid.variants)} variants)")
     return 0
 
 
@@ -89,9 +98,9 @@ def _preflight(grid) -> list[str]:
 
     errors = preflight.check(grid, pick_device())
     if errors:
-        print(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
+        _say(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
         for line in errors:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}", file=sys.stderr)
     return errors
 
 

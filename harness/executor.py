@@ -38,7 +38,7 @@ from harness.core import runs as R
 from harness.core.tracking import MlflowTracker, default_tracking_uri, redact
 from harness.core.variant import Variant
 from harness.progress import Progress, outcome_line, summary_table
-from harness.worker import EXIT_INTERRUPTED, PREFIX
+from harness.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
 
@@ -195,12 +195,15 @@ class Session:
         if out_dir.exists():  # leftovers of an earlier failed or killed attempt
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        job = {"variant": v.to_json(), "method": v.method.to_json(), "tracking_uri": self.uri, "run_id": run_id,
+        # The job file is on disk for as long as the results are: it holds no environment value (the store's
+        # URI, which may carry a password, goes to the worker in its environment) and only masked labels.
+        job = {"variant": _masked_labels(v.to_json()), "method": v.method.to_json(), "run_id": run_id,
                "out_dir": str(out_dir), "stage_dir": str(self.runs_dir / v.parent_id) if v.parent_id else None,
                "is_stage": is_stage}
         job_path = out_dir / "job.json"
         job_path.write_text(json.dumps(job, indent=1))
         env = dict(os.environ)
+        env[TRACKING_URI_ENV] = self.uri
         device = self._slots[slot]
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
@@ -237,7 +240,11 @@ class Session:
             tracker.set_tags({R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0})
         log_path = act.out_dir / "worker.log"
         if log_path.is_file():
-            tracker.log_text(log_path.read_text(errors="replace")[-2_000_000:], "worker.log")
+            text = log_path.read_text(errors="replace")
+            masked = redact(text)
+            if masked != text:  # libraries print what they are given (names, paths): mask the copy on disk too
+                log_path.write_text(masked)
+            tracker.log_text(masked[-2_000_000:], "worker.log")
         if act.stop_reason:
             tracker.set_tags({R.TAG_STOPPED: act.stop_reason[:5000]})
         self.store.end_run(act.run_id, status)
@@ -382,6 +389,16 @@ def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None =
     with session:
         session.run_variants(grid.variants)
     return session.exit_code
+
+
+def _masked_labels(variant_json: dict) -> dict:
+    """A variant's JSON with its free-text labels (name, from:, run name) masked by `redact`. The id and the
+    data paths are what the worker needs; the labels are only shown."""
+    spec = dict(variant_json["spec"])
+    for key in ("name", "from"):
+        if isinstance(spec.get(key), str):
+            spec[key] = redact(spec[key])
+    return {**variant_json, "spec": spec, "run_name": redact(variant_json["run_name"])}
 
 
 def _raise_interrupt(signum, frame):

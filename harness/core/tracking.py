@@ -26,8 +26,10 @@ T = TypeVar("T")
 # A key is secret when one of its words is one of these ("hub_token" yes, "probe_tokens" no).
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "auth", "credential", "credentials"}
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]+:)[^@/\s]+@")
-# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids.
-_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
+# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids. The `sk-` and `gh?_`
+# prefixes are distinctive enough to match short keys too (a truncated or test key pasted into a name is
+# still a key); `hf_` needs a token's length, because `hf_cache`-like words are ordinary names.
+_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{4,}|gh[pousr]_[A-Za-z0-9]{4,}|AKIA[0-9A-Z]{16})\b")
 
 
 _SECRET_ENV_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}

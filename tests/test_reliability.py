@@ -1,0 +1,78 @@
+"""Reliability round two (issue 10): hostile names and files, concurrent runners, repeated interrupts, bad
+flags. One test per guarantee; most need no training, the rest train one step of the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = """
+name: {name}
+defaults:
+  base_model: tiny-random-llama
+  data: {{size: 4, max_length: 128}}
+  train: {{max_steps: 1, batch_size: 4, learning_rate: 1e-3}}
+  lora: {{rank: 2, alpha: 4}}
+"""
+
+
+def make_grid(folder: Path, name: str, variants: str, extra: str = "") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(TINY.format(name=name) + textwrap.dedent(extra) + "variants:\n" + textwrap.indent(
+        textwrap.dedent(variants).strip() + "\n", "  "))
+    return path
+
+
+def harness(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def variant_runs(results: Path, grid: str) -> list:
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(grid)
+    return client.search_runs([exp.experiment_id], "tags.`harness.kind` = 'variant'", max_results=1000)
+
+
+# 3 ------------------------------------------------------------------------------------------------
+
+
+def test_planted_secrets_reach_no_file_no_database_no_console(tmp_path):
+    """A secret in the environment (HF_TOKEN, a password in MLFLOW_TRACKING_URI's place) and short
+    token-shaped strings in a name and a description end up nowhere: not in any file under results/ (job
+    files, logs, artifacts, the database), not in what plan, validate or run print."""
+    env_token = "hf-env-" + "Z" * 12  # not token-shaped: only its variable's name says it is secret
+    short_key = "sk-x7Kq9"  # a short OpenAI-style key
+    gh_key = "ghp_S3cr3tish"
+    grid = make_grid(tmp_path, "sec2", f"""
+        - {{name: "v-{short_key}-{env_token}", method: lora_sft}}
+    """, extra=f"""
+        description: "keys {gh_key} and {short_key} pasted by mistake"
+    """)
+    results = tmp_path / "results"
+    env = {"HF_TOKEN": env_token}
+    printed = []
+    for args in (["plan", str(grid)], ["validate", str(grid)], ["run", str(grid), "--results", str(results)]):
+        proc = harness(*args, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        printed.append(proc.stdout + proc.stderr)
+    secrets = [env_token, short_key, gh_key]
+    assert not [s for s in secrets if any(s in text for text in printed)], printed
+    leaks = [str(p) for p in results.rglob("*") if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)]
+    assert not leaks
+    dump = "\n".join(sqlite3.connect(results / "mlflow.db").iterdump())
+    assert not [s for s in secrets if s in dump]
+    [run] = variant_runs(results, "sec2")
+    assert run.info.status == "FINISHED" and run.data.params["name"].startswith("v-***")
