@@ -165,7 +165,7 @@ def cmd_evaluate(args) -> int:
                              probe_length=config.get("eval.probe_length", 32),
                              beta=config.get("dpo.beta") if method is not None and method.uses("dpo") else None)
     table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
-    out = Path(args.out) if args.out else results / "evaluations" / f"{loaded.label}__{data.stem}.csv"
+    out = Path(args.out) if args.out else results / "evaluations" / f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
     E.write_table(table, out)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     print(f"{loaded.label} on {data} ({len(rows)} pairs):")
@@ -173,6 +173,18 @@ def cmd_evaluate(args) -> int:
         print(f"  {key:36s} {value:.6g}")
     print(f"per-pair table: {out}")
     return 0
+
+
+def _file_name(label: str) -> str:
+    """A run or model label as one safe file name: run names are user text (a variant named `../../x` must
+    not write outside results/), so anything but letters, digits, `.`, `_`, `-` becomes `_`, no leading dot,
+    secrets masked first, at most 120 characters."""
+    import re
+
+    from harness.core.tracking import redact
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", redact(label)).lstrip(".")[:120]
+    return name or "unnamed"
 
 
 def cmd_ui(args) -> int:

@@ -76,3 +76,30 @@ def test_planted_secrets_reach_no_file_no_database_no_console(tmp_path):
     assert not [s for s in secrets if s in dump]
     [run] = variant_runs(results, "sec2")
     assert run.info.status == "FINISHED" and run.data.params["name"].startswith("v-***")
+
+
+# 2 ------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_output_stays_inside_results_whatever_the_run_name(tmp_path, monkeypatch, capsys):
+    """The default output file of `evaluate <run id>` is named after the run: a variant named `../../x/y`
+    (or one holding a key) must give one file directly in results/evaluations/, and nothing anywhere else."""
+    from experiments import evaluate as E
+    from experiments import trained
+
+    label = "../../escaped/x·sk-abcd1234·lora_sft"
+    monkeypatch.setattr(trained, "load_run", lambda run_id, results, base: trained.Loaded(
+        model=None, reference=None, tokenizer=None, label=label, config={"data.max_length": 128}))
+    monkeypatch.setattr(E, "measure", lambda *a, **k: ([{"pair": 0, "margin_shift": 0.5}], {"eval/pairs": 1.0}))
+    work = tmp_path / "work"
+    results = work / "results"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["evaluate", "0" * 32, "--results", str(results)]) == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert len(written) == 2 and all(p.parent == Path("work/results/evaluations") for p in written), written
+    assert not [p for p in written if "sk-abcd1234" in str(p)]
+    assert not (tmp_path / "escaped").exists()
+    out = tmp_path / "chosen.csv"  # --out is taken exactly as given
+    assert main(["evaluate", "0" * 32, "--results", str(results), "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
