@@ -105,6 +105,10 @@ def _preflight(grid) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
+        print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
+              f"(leave it out for one per GPU, else 1)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT

@@ -84,6 +84,8 @@ def _read_events(act: Active) -> None:
 
 def _slots(jobs: int | None) -> list[str | None]:
     """One slot per GPU (CUDA_VISIBLE_DEVICES value), or `jobs` CPU slots."""
+    if jobs is not None and jobs < 1:  # no slot at all would wait forever for one to free up
+        raise ValueError(f"jobs must be 1 or more, got {jobs}")
     try:
         import torch
 

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
@@ -103,3 +104,19 @@ def test_evaluate_output_stays_inside_results_whatever_the_run_name(tmp_path, mo
     out = tmp_path / "chosen.csv"  # --out is taken exactly as given
     assert main(["evaluate", "0" * 32, "--results", str(results), "--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+# 7 ------------------------------------------------------------------------------------------------
+
+
+def test_jobs_below_one_is_refused_before_anything_runs(tmp_path, capsys):
+    """`--jobs -1` used to print "1 to run" and wait forever for a free slot."""
+    from harness.executor import Session
+
+    grid = make_grid(tmp_path, "jobs", "- {method: lora_sft}\n")
+    for jobs in ("-1", "0"):
+        assert main(["run", str(grid), "--jobs", jobs, "--results", str(tmp_path / "r")]) == 2
+        assert f"--jobs: expected a whole number of variants at once, 1 or more, got {jobs}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="jobs must be 1 or more"):  # callers of the executor seam too
+        Session("jobs", tmp_path / "r2", jobs=-1)
