@@ -169,7 +169,8 @@ def cmd_evaluate(args) -> int:
                              probe_length=config.get("eval.probe_length", 32),
                              beta=config.get("dpo.beta") if method is not None and method.uses("dpo") else None)
     table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
-    out = Path(args.out) if args.out else results / "evaluations" / f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
+    default = f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
+    out = Path(args.out) if args.out else results / "evaluations" / default
     E.write_table(table, out)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     print(f"{loaded.label} on {data} ({len(rows)} pairs):")

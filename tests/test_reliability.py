@@ -120,3 +120,45 @@ def test_jobs_below_one_is_refused_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="jobs must be 1 or more"):  # callers of the executor seam too
         Session("jobs", tmp_path / "r2", jobs=-1)
+
+
+# 9 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train: {learning_rate: .inf}", "inf", "train.learning_rate: Input should be a finite number"),
+    ("dpo: {beta: .inf}", "inf", "dpo.beta: Input should be a finite number"),
+    ("seed: -1", "-1", "seed: Input should be greater than or equal to 0"),
+    ("seed: 1099511627776", "1099511627776", "seed: Input should be less than or equal to 4294967295"),
+    ("lora: {rank: true}", "True", "lora.rank: Input should be a valid integer"),
+    ("lora: {rank: \"8\"}", "'8'", "lora.rank: Input should be a valid integer"),
+])
+def test_values_that_would_fail_at_run_time_are_refused_by_validate(tmp_path, capsys, field, value, message):
+    grid = make_grid(tmp_path, "vals", f"- {{method: dpo_lora, {field}}}\n")
+    assert main(["validate", str(grid)]) == 2
+    assert f"variants[0].{message}, got {value}" in capsys.readouterr().err
+
+
+def test_ints_and_exponent_floats_stay_valid(tmp_path, capsys):
+    """Strictness must not cost the spellings grids use: `alpha: 16` is a float, `1e-4` too."""
+    grid = make_grid(tmp_path, "ok", "- {method: dpo_lora, lora: {alpha: 16}, train: {learning_rate: 1e-4}}\n")
+    assert main(["validate", str(grid)]) == 0, capsys.readouterr().err
+
+
+def test_rank_and_max_length_the_model_cannot_use_are_refused_by_deep_validation(tmp_path, capsys):
+    """lora.rank: 1000000 tried to allocate gigabytes at run time; max_length: 1 left no row to train on.
+    `validate --deep` (and so `run`, before anything is tracked) refuses both against the real model."""
+    grid = make_grid(tmp_path, "deep", """
+        - {name: huge, method: dpo_lora, lora: {rank: 1000000}}
+        - {name: short, method: lora_sft, data: {max_length: 1}}
+        - {name: fine, method: dpo_lora, lora: {rank: 8}}
+    """)
+    assert main(["validate", str(grid)]) == 0  # the YAML alone cannot know the model's dimensions
+    capsys.readouterr()
+    assert main(["validate", str(grid), "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert "variants[0]: lora.rank: 1000000 is more than 32, the smallest dimension of the targeted modules" in err
+    assert "variants[1]: data.max_length: 1 tokens: the prompt alone fills it for every selected training row" in err
+    assert "variants[2]" not in err
+    assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
