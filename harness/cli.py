@@ -112,11 +112,34 @@ def cmd_run(args) -> int:
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
+    results = _results_dir(args)
+    problem = _unwritable(results)
+    if problem:
+        print(f"run: --results: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from harness.core.runs import check_store
+    from harness.core.tracking import default_tracking_uri
+
+    check_store(default_tracking_uri(results))  # a damaged store is said before the models load
     if _preflight(grid):
         return EXIT_BAD_INPUT
     from harness.executor import run_grid
 
-    return run_grid(grid, _results_dir(args), force=args.force, jobs=args.jobs, argv=sys.argv)
+    return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv)
+
+
+def _unwritable(results: Path) -> str | None:
+    """Why the results folder cannot take a run (created if missing), or None. Asked before anything is
+    tracked: a read-only folder would otherwise fail deep inside MLflow."""
+    import tempfile
+
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as e:
+        return f"{results} is not a writable folder ({e.strerror or e})"
+    return None
 
 
 def cmd_report(args) -> int:
@@ -273,5 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.core.runs import StoreError
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except StoreError as e:  # a damaged or unwritable store: said before anything trains, never a traceback
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

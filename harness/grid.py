@@ -99,9 +99,11 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise GridError([f"{path}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise GridError([f"{path}: {D.not_utf8(path.read_bytes())}; a grid file must be saved as UTF-8"]) from None
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
     except yaml.YAMLError as e:

@@ -162,3 +162,64 @@ def test_rank_and_max_length_the_model_cannot_use_are_refused_by_deep_validation
     assert "variants[2]" not in err
     assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+# 8 ------------------------------------------------------------------------------------------------
+
+
+def test_unreadable_files_get_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """Files a user can get wrong: each is exit 2 naming the file and what is wrong with it."""
+    builtin = (ROOT / "experiments/data/builtin/train.jsonl").read_text()
+    bad_grid = tmp_path / "latin1.yaml"
+    bad_grid.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["validate", str(bad_grid)]) == 2
+    assert "latin1.yaml: not UTF-8 text (byte 0xe9 on line 1); a grid file must be saved as UTF-8" in capsys.readouterr().err
+
+    cases = {
+        "latin1.jsonl": (builtin.encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"),
+                         f"not UTF-8 text (byte 0xe9 on line {builtin.count(chr(10)) + 1})"),
+        "latin1.csv": ("prompt,chosen,rejected\ncaf\xe9,a,b\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 2)"),
+        "text.parquet": (b"prompt,chosen,rejected\n", "cannot be read as parquet: "),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        grid = make_grid(tmp_path, "files", f"- {{method: dpo_lora, data: {{train: {name}}}}}\n")
+        assert main(["validate", str(grid)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"variants[0]: data.train: {tmp_path / name}: {message}" in err, err
+        assert "Traceback" not in err
+
+    # a valid file reached through a link whose target has no suffix (HF hub cache, DVC, git-annex layouts)
+    (tmp_path / "blob").write_text(builtin)
+    (tmp_path / "linked.jsonl").symlink_to(tmp_path / "blob")
+    grid = make_grid(tmp_path, "linked", "- {method: dpo_lora, data: {train: linked.jsonl}}\n")
+    assert main(["validate", str(grid)]) == 0, capsys.readouterr().err
+
+
+def test_damaged_store_and_unwritable_results_are_refused_and_left_intact(tmp_path, capsys):
+    """A truncated mlflow.db gave an 80-line SQLAlchemy traceback for run, report and evaluate; a results
+    folder that cannot be written failed inside MLflow. Both are exit 2, nothing trained, the file intact."""
+    import hashlib
+
+    results = tmp_path / "results"
+    results.mkdir()
+    MlflowClient(f"sqlite:///{results / 'mlflow.db'}").create_experiment("old")
+    db = results / "mlflow.db"
+    db.write_bytes(db.read_bytes()[:60_000])  # truncated, as by a full disk or an interrupted copy
+    digest = hashlib.md5(db.read_bytes()).hexdigest()
+    grid = make_grid(tmp_path, "store", "- {method: lora_sft}\n")
+    for args in (["run", str(grid)], ["report", "store"], ["evaluate", "0" * 32]):
+        assert main([*args, "--results", str(results)]) == 2, args
+        err = capsys.readouterr().err
+        assert f"{args[0]}: {db}: the MLflow store is damaged (sqlite: " in err and "left as it is" in err, err
+    assert hashlib.md5(db.read_bytes()).hexdigest() == digest
+    assert not (results / "runs").exists()
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["run", str(grid), "--results", str(tmp_path / "a_file" / "results")]) == 2
+    assert "run: --results: " in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere: the permission case only means something for a user
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o555)
+        assert main(["run", str(grid), "--results", str(readonly)]) == 2
+        assert "is not a writable folder" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,10 @@ def client(uri: str):
 
 
 def client_for(results_dir: Path):
-    """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins)."""
+    """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins). Raises StoreError for a
+    damaged store."""
     uri = default_tracking_uri(results_dir)
+    check_store(uri)
     return client(uri), uri
 
 
@@ -102,6 +105,32 @@ def is_grid_run(run) -> bool:
     return run.data.tags.get(TAG_KIND) == KIND_GRID
 
 
+class StoreError(RuntimeError):
+    """The tracking store cannot be opened or written; the message names it and says what to do."""
+
+
+def check_store(uri: str) -> None:
+    """Refuse a damaged sqlite store (a truncated or overwritten mlflow.db) before MLflow opens it: MLflow
+    would answer with a long SQLAlchemy traceback. Read-only: the file is left exactly as it is."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # a new store: MLflow creates it
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            result = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+        problem = None if result == ("ok",) else str(result[0] if result else "no answer")
+    except sqlite3.Error as e:
+        problem = str(e)
+    if problem and not any(w in problem.lower() for w in ("locked", "busy")):  # busy is another runner, fine
+        raise StoreError(f"{path}: the MLflow store is damaged (sqlite: {problem}); it was left as it is. "
+                         f"Restore it from a backup, or give another --results folder")
+
+
 class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
@@ -110,14 +139,23 @@ class Store:
         # MLFLOW_TRACKING_URI into os.environ, leaking one store into every later run in this process.)
         self.uri = uri
         self.artifact_root = artifact_root
+        check_store(uri)
         if uri.startswith("sqlite:///"):
             # A new sqlite store is created by running migrations when the client first opens it; several
             # runners starting at once on one new file would race on that, so they open it under a lock.
             from filelock import FileLock
 
-            with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
-                self.client = client(uri)
-                retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+            try:
+                with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                    self.client = client(uri)
+                    retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+            except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
+                text = str(getattr(e, "orig", None) or e).splitlines()[0]
+                if not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text:
+                    raise
+                raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
+                                 f"MLflow store there ({text}); check that the folder is writable, or give "
+                                 f"another --results folder") from None
         else:
             self.client = client(uri)
 
