@@ -132,6 +132,9 @@ class Session:
         self.parent: MlflowTracker | None = None
         self.finished: dict[str, str] = {}
         self._slots = _slots(jobs)
+        self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once
+        self._waiting: set[str] = set()  # variants another runner is training (said once each)
+        self._opened_ms = 0
 
     # -------------------------------------------------------- open / close
 
@@ -146,6 +149,7 @@ class Session:
         return {R.TAG_GRID: self.experiment_name, **provenance.tags()}
 
     def open(self) -> Session:
+        self._opened_ms = int(time.time() * 1000)
         self.exp = self.store.experiment(self.experiment_name)
         recovered = self.store.recover_orphans(self.exp)
         if recovered:
@@ -212,7 +216,8 @@ class Session:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log = (out_dir / "worker.log").open("w")
         proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], stdout=subprocess.PIPE,
-                                stderr=log, env=env, text=True, bufsize=1, start_new_session=True)
+                                stderr=log, env=env, text=True, bufsize=1, start_new_session=True,
+                                pass_fds=(self.claims.fd(v.id),))  # the claim lives as long as the worker
         act = Active(variant=v, index=index, proc=proc, run_id=run_id, out_dir=out_dir, slot=slot, log=log)
         act.reader = threading.Thread(target=_read_events, args=(act,), daemon=True)
         act.reader.start()
@@ -250,6 +255,7 @@ class Session:
         if act.stop_reason:
             tracker.set_tags({R.TAG_STOPPED: act.stop_reason[:5000]})
         self.store.end_run(act.run_id, status)
+        self.claims.release(act.variant.id)
         if status == "FINISHED":
             self.finished[act.variant.id] = act.run_id
         label = "PRUNED" if act.stop_reason and not interrupted else status
@@ -260,6 +266,23 @@ class Session:
         done = self.finished.get(v.id)
         stage_ok = v.id not in stages or (self.runs_dir / v.id / "model" / "config.json").is_file()
         return done if done and stage_ok else None
+
+    def _claim(self, v: Variant, stages: set[str], say: Callable[[str], None]) -> bool | str:
+        """Claim `v` for this runner before training it. True: train it. False: another runner on this results
+        folder is training it; wait (said once) and ask again. A run id: another runner finished it since,
+        answer from the store (with --force, only a run started after this session opened counts)."""
+        if not self.claims.take(v.id):
+            if v.id not in self._waiting:
+                self._waiting.add(v.id)
+                say(f"waiting: {v.run_name} ({v.id}) is being trained by another runner "
+                    f"({self.claims.holder(v.id)}); it will be answered from the store")
+            return False
+        done = self.store.finished_since(self.exp, v.id, self._opened_ms if self.force else 0)
+        if done and (v.id not in stages or (self.runs_dir / v.id / "model" / "config.json").is_file()):
+            self.claims.release(v.id)
+            self.finished[v.id] = done
+            return done
+        return True
 
     # -------------------------------------------------------- the loop
 
@@ -345,6 +368,13 @@ class Session:
                         continue
                     if not free:
                         break
+                    claim = self._claim(v, stages, progress.line)
+                    if claim is False:
+                        continue  # another runner trains it: ask again on the next pass
+                    if claim is not True:
+                        pending.remove(item)
+                        record(i, Outcome(v, "SKIPPED", claim, reason="FINISHED by another runner"))
+                        continue
                     slot = free.pop(0)
                     progress.line(f"[{i}/{total or counter[0]}] start {v.run_name} ({v.id})")
                     active[v.id] = self._launch(v, i, slot, is_stage=v.id in stages)

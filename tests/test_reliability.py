@@ -223,3 +223,36 @@ def test_damaged_store_and_unwritable_results_are_refused_and_left_intact(tmp_pa
         readonly.mkdir(mode=0o555)
         assert main(["run", str(grid), "--results", str(readonly)]) == 2
         assert "is not a writable folder" in capsys.readouterr().err
+
+
+# 1 ------------------------------------------------------------------------------------------------
+
+
+def test_two_runners_on_one_store_train_each_variant_once(tmp_path):
+    """Two `harness run` of one grid at once on one results folder used to train the same variant twice in
+    the same runs/<id>/ (one deleting the other's folder, the logs crossed). Now a variant is claimed before
+    it trains: the other runner trains something else or waits, then answers it from the store."""
+    eval_rows = (ROOT / "experiments/data/builtin/eval.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "eval4.jsonl").write_text("\n".join(eval_rows) + "\n")
+    grid = make_grid(tmp_path, "two", """
+        - {name: a, method: lora_sft}
+        - {name: b, method: dpo_lora}
+    """)
+    grid.write_text(grid.read_text().replace("max_length: 128}", "max_length: 128, eval: eval4.jsonl}"))
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    runs = variant_runs(results, "two")
+    assert sorted(r.data.params["name"] for r in runs) == ["a", "b"], [(r.data.params["name"], r.info.status)
+                                                                    for r in runs]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    both = "\n".join(outs)
+    # each variant was trained by one runner and answered from the store (or waited for) by the other
+    assert both.count("FINISHED by another runner") + both.count("already FINISHED") == 2, both
+    for run in runs:  # each run's folder is its own: the job file there names this run
+        job = json.loads((results / "runs" / run.data.tags["harness.variant_id"] / "job.json").read_text())
+        assert job["run_id"] == run.info.run_id

@@ -196,6 +196,14 @@ class Store:
         """variant id -> run id of its newest FINISHED run."""
         return {vid: run.info.run_id for vid, run in latest_finished(self.client, experiment_id).items()}
 
+    def finished_since(self, experiment_id: str, variant_id: str, since_ms: int = 0) -> str | None:
+        """Run id of the newest FINISHED run of one variant started at or after `since_ms` (epoch ms), or None:
+        asked again just after claiming a variant, because another runner may have finished it meanwhile."""
+        runs = [r for r in search(self.client, experiment_id,
+                                  f"{Q_VARIANTS_FINISHED} and tags.`{TAG_VARIANT}` = '{variant_id}'")
+                if r.info.start_time >= since_ms]
+        return max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+
     def recover_orphans(self, experiment_id: str) -> list[str]:
         """RUNNING runs whose executor process on this host is gone: mark FAILED, tag as recovered."""
         host = socket.gethostname()
@@ -208,6 +216,52 @@ class Store:
             self.end_run(run.info.run_id, "FAILED")
             recovered.append(run.info.run_id)
         return recovered
+
+
+class Claims:
+    """Which runner trains which variant, when several share one results folder: an exclusive, non-blocking
+    `flock` on `runs/.claims/<variant id>` per variant being trained.
+
+    The kernel drops the lock when its last holder exits, so a runner killed with -9 leaves no stale claim;
+    the runner hands the descriptor to its worker (`fd`), so the claim also lasts while an orphaned worker
+    finishes its step. Local folders only (flock over NFS is not reliable)."""
+
+    def __init__(self, runs_dir: Path):
+        self.folder = runs_dir / ".claims"
+        self.held: dict[str, int] = {}  # variant id -> descriptor holding its lock
+
+    def take(self, variant_id: str) -> bool:
+        """Claim the variant for this process; False when another process holds it."""
+        import fcntl
+
+        if variant_id in self.held:
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / variant_id, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.held[variant_id] = fd
+        return True
+
+    def holder(self, variant_id: str) -> str:
+        """Who holds a claim, as written by its holder (for "waiting for ..." messages)."""
+        try:
+            return (self.folder / variant_id).read_text().strip() or "another runner"
+        except OSError:
+            return "another runner"
+
+    def fd(self, variant_id: str) -> int:
+        return self.held[variant_id]
+
+    def release(self, variant_id: str) -> None:
+        fd = self.held.pop(variant_id, None)
+        if fd is not None:
+            os.close(fd)  # the lock goes with the last descriptor (the worker's copy is closed when it exits)
 
 
 def _alive(pid: int) -> bool:
