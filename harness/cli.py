@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def _results_dir(args) -> Path:
@@ -304,3 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as e:  # a damaged or unwritable store: said before anything trains, never a traceback
         print(f"{args.command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # outside a run's loop (loading, pre-flight, after the summary): nothing to record
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

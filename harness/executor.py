@@ -135,6 +135,7 @@ class Session:
         self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once
         self._waiting: set[str] = set()  # variants another runner is training (said once each)
         self._opened_ms = 0
+        self._unshielded: dict[int, object] = {}  # signal handlers to restore once an interrupted session closes
 
     # -------------------------------------------------------- open / close
 
@@ -178,9 +179,14 @@ class Session:
         summary = summary_table(ordered)
         print("\n" + redact(summary), file=self.stream, flush=True)
         assert self.parent is not None
-        self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
-        status = "KILLED" if self.interrupted else ("FAILED" if self.failed() or crashed else "FINISHED")
-        self.store.end_run(self.parent_run, status)
+        try:
+            self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
+            status = "KILLED" if self.interrupted else ("FAILED" if self.failed() or crashed else "FINISHED")
+            self.store.end_run(self.parent_run, status)
+        finally:
+            for signum, handler in self._unshielded.items():
+                signal.signal(signum, handler)
+            self._unshielded = {}
 
     # -------------------------------------------------------- one variant's process
 
@@ -393,6 +399,7 @@ class Session:
                     time.sleep(0.25)
         except KeyboardInterrupt:
             self.interrupted = True
+            self._shield(active, old_term)  # a second Ctrl-C must not break the shutdown half way
             progress.line("interrupted: stopping running variants (they end KILLED)...")
             for act in active.values():
                 _stop(act.proc)
@@ -407,8 +414,24 @@ class Session:
                 if on_done is not None:
                     on_done(o)
         finally:
-            signal.signal(signal.SIGTERM, old_term)
+            if not self._unshielded:
+                signal.signal(signal.SIGTERM, old_term)
         return outcomes
+
+    def _shield(self, active: dict[str, Active], old_term) -> None:
+        """From the first interrupt until `close` has recorded everything, a further Ctrl-C or SIGTERM no
+        longer raises (it would leave runs RUNNING): it kills the running workers at once instead of waiting
+        for them to stop, and they still end KILLED."""
+        def again(signum, frame):
+            print("interrupted again: killing the running variants now (they still end KILLED)", file=self.stream,
+                  flush=True)
+            for act in list(active.values()):
+                if act.proc.poll() is None:
+                    act.proc.kill()
+
+        self._unshielded = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: old_term}
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
 
 
 def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,

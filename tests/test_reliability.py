@@ -256,3 +256,45 @@ def test_two_runners_on_one_store_train_each_variant_once(tmp_path):
     for run in runs:  # each run's folder is its own: the job file there names this run
         job = json.loads((results / "runs" / run.data.tags["harness.variant_id"] / "job.json").read_text())
         assert job["run_id"] == run.info.run_id
+
+
+# 5 ------------------------------------------------------------------------------------------------
+
+
+def _steps_logged(results: Path, grid: str) -> int:
+    if not (results / "runs").is_dir():
+        return 0  # the runner has not created the store yet: opening it here would race its creation
+    try:
+        client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+        return max((m.step for r in variant_runs(results, grid)
+                    for m in client.get_metric_history(r.info.run_id, "train/loss")), default=0)
+    except Exception:  # noqa: BLE001 - store or experiment not created yet
+        return 0
+
+
+def test_repeated_ctrl_c_ends_killed_not_running(tmp_path):
+    """A second Ctrl-C 0.3 s after the first used to raise inside the shutdown (a traceback, and the grid and
+    variant left RUNNING). Now every further interrupt only hurries the shutdown: all ends KILLED, exit 130."""
+    import signal
+    import time
+
+    grid = make_grid(tmp_path, "twice", "- {name: slow, method: lora_sft, train: {max_steps: 40}}\n")
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)],
+                            cwd=ROOT, env={**os.environ, "HARNESS_FAULT": "sleep:slow:1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while _steps_logged(results, "twice") < 1:
+        assert time.monotonic() < deadline and proc.poll() is None, "the variant never started training"
+        time.sleep(0.5)
+    for _ in range(3):  # Ctrl-C, then twice more while it shuts down
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "interrupted again" in out, out
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("twice")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted((r.data.tags["harness.kind"], r.info.status) for r in runs) == [("grid", "KILLED"),
+                                                                                 ("variant", "KILLED")]
