@@ -16,11 +16,14 @@ Precedence: command-line flags > grid YAML > schema defaults.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -222,11 +225,69 @@ def cmd_ui(args) -> int:
     uri = default_tracking_uri(_results_dir(args))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
+    taken = _port_taken(args.host, args.port)
+    if taken:
+        print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    # The server is a tree (mlflow, uvicorn and its workers): it gets a process group of its own, and whatever
+    # ends this process (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_group(proc)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None. The MLflow server itself reports a taken port and
+    exits 0, so it is asked here first (SO_REUSEADDR, as the server binds: a port in TIME_WAIT is free)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"unknown host ({e.strerror or e})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by `proc`, wait for every member to be gone, SIGKILL what is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap our own child, or its zombie would count as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def cmd_metrics(args) -> int:

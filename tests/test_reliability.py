@@ -298,3 +298,79 @@ def test_repeated_ctrl_c_ends_killed_not_running(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert sorted((r.data.tags["harness.kind"], r.info.status) for r in runs) == [("grid", "KILLED"),
                                                                                  ("variant", "KILLED")]
+
+
+# 4 ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_on_a_taken_port_exits_non_zero(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--results", str(tmp_path / "r")]) == 2
+    assert f"ui: cannot listen on 127.0.0.1:{port}: the port is already in use; pick another with --port" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_ui_stops_its_whole_server_tree_on_a_signal_to_its_pid(tmp_path, sig):
+    """SIGTERM or SIGINT to `harness ui`'s PID alone (not its group) used to leave the MLflow server and its
+    uvicorn workers running, holding the port."""
+    import signal
+    import time
+
+    import psutil
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--port", str(port), "--results",
+                             str(tmp_path / "r")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "the UI never listened"
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                listening = [c for c in psutil.net_connections("inet")
+                             if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+            except psutil.Error:
+                listening = []
+            if listening:
+                break
+            time.sleep(0.5)
+        assert len(tree) >= 2  # harness ui and the server it started
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 130
+        gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+        assert _free_port_is(port)
+    finally:
+        for p in tree:  # never leave a server behind, even when the test fails
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def _free_port_is(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
