@@ -28,6 +28,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+LARGE_GRID = 100  # variants: a bigger `run` needs --yes (an axis too many multiplies the work)
 
 
 def _results_dir(args) -> Path:
@@ -45,12 +46,15 @@ def _load(path: str, *, check_data: bool = True):
     from harness.grid import GridError, load_grid
 
     try:
-        return load_grid(path, check_data=check_data)
+        grid = load_grid(path, check_data=check_data)
     except GridError as e:
         _say(f"{len(e.errors)} problem(s) in {path}:", file=sys.stderr)
         for line in e.errors:
             _say(f"  {line}", file=sys.stderr)
         return None
+    for note in grid.notes:  # not errors, but nothing a user should learn only from the runs
+        _say(f"note: {note}", file=sys.stderr)
+    return grid
 
 
 def _steps(v) -> int:
@@ -116,8 +120,12 @@ def cmd_run(args) -> int:
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
+    if len(grid.variants) > LARGE_GRID and not args.yes:
+        print(f"run: {args.grid} expands to {len(grid.variants)} variants (more than {LARGE_GRID}); check it with "
+              f"`python -m harness plan {args.grid}` and pass --yes to run them all (nothing was run)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     results = _results_dir(args)
-    problem = _unwritable(results)
+    problem = _unwritable(results) or _store_lost(results)
     if problem:
         print(f"run: --results: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -130,6 +138,19 @@ def cmd_run(args) -> int:
     from harness.executor import run_grid
 
     return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv)
+
+
+def _store_lost(results: Path) -> str | None:
+    """A missing mlflow.db next to the outputs of finished runs is a store deleted by accident: going on would
+    retrain every variant and overwrite those outputs (stage models live only there). Say so instead."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # the store is elsewhere; results/ holds only the outputs
+    finished = sorted(p.parent.name for p in (results / "runs").glob("*/result.json"))
+    if (results / "mlflow.db").exists() or not finished:
+        return None
+    return (f"{results / 'mlflow.db'} is missing, but {results / 'runs'} holds the outputs of {len(finished)} "
+            f"finished run(s) ({', '.join(finished[:3])}{', ...' if len(finished) > 3 else ''}); restore the store "
+            f"from a backup, or move {results / 'runs'} away to start afresh (nothing was run)")
 
 
 def _unwritable(results: Path) -> str | None:
@@ -323,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("grid")
     s.add_argument("--force", action="store_true", help="rerun variants that already have a FINISHED run")
     s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
+    s.add_argument("--yes", action="store_true", help=f"run a grid of more than {LARGE_GRID} variants")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_run)
 

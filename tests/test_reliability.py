@@ -374,3 +374,77 @@ def _free_port_is(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# 10 -----------------------------------------------------------------------------------------------
+
+
+def test_dotted_and_nested_spelling_of_one_field_is_refused(tmp_path):
+    from harness.grid import GridError, load_grid
+
+    grid = make_grid(tmp_path, "twice", """
+        - {name: a, method: lora_sft, lora.rank: 4, lora: {rank: 8}}
+    """, extra="""
+        exclude:
+          - {lora.alpha: 2, lora: {alpha: 3}}
+    """)
+    with pytest.raises(GridError) as info:
+        load_grid(grid)
+    assert f"{grid}: variants[0].lora.rank: given twice ('lora.rank' and 'lora: {{rank}}'); keep one" in info.value.errors
+    assert f"{grid}: exclude[0].lora.alpha: given twice ('lora.alpha' and 'lora: {{alpha}}'); keep one" in \
+        info.value.errors
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    import time
+
+    lines = ["name: bomb", "defaults: {base_model: tiny-random-llama}", "x:", "  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    lines.append("description: *a8")  # 9**9 strings in a string field
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    assert main(["validate", str(path)]) == 2
+    assert time.monotonic() - started < 5
+    assert "expands to more than 100000 values once its YAML aliases (*name) are followed" in capsys.readouterr().err
+
+
+def test_vanished_names_and_dead_excludes_are_said(tmp_path, capsys):
+    """Two names for one config used to collapse into one variant without a word; an exclude matching
+    nothing excluded nothing without a word."""
+    grid = make_grid(tmp_path, "quiet", """
+        - {name: first, method: lora_sft}
+        - {name: second, method: lora_sft}
+    """, extra="""
+        exclude:
+          - {lora.rank: 64}
+    """)
+    for command in ("plan", "validate"):
+        assert main([command, str(grid)]) == 0
+        err = capsys.readouterr().err
+        assert ("note: " f"{grid}: variants[1] (name 'second') has the same config as variants[0] (name 'first'): "
+                "one variant, id ") in err, err
+        assert f"note: {grid}: exclude[0]: matches no variant (lora.rank=64); nothing was excluded by it" in err
+
+
+def test_deleted_store_next_to_finished_outputs_is_refused(tmp_path, capsys):
+    """Deleting mlflow.db used to retrain everything silently, overwriting runs/<id>/ of the old runs."""
+    grid = make_grid(tmp_path, "lost", "- {method: lora_sft}\n")
+    results = tmp_path / "results"
+    old = results / "runs" / "0123456789ab"
+    old.mkdir(parents=True)
+    (old / "result.json").write_text('{"global_step": 2}')
+    assert main(["run", str(grid), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert f"mlflow.db is missing, but {results / 'runs'} holds the outputs of 1 finished run(s) (0123456789ab)" in err
+    assert (old / "result.json").read_text() == '{"global_step": 2}' and not (results / "mlflow.db").exists()
+
+
+def test_a_very_large_run_needs_yes(tmp_path, capsys):
+    grid = make_grid(tmp_path, "huge", "- {method: lora_sft}\n", extra="""
+        axes:
+          seed: [%s]
+    """ % ", ".join(str(i) for i in range(101)))
+    assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 2
+    assert f"run: {grid} expands to 101 variants (more than 100); check it with" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
