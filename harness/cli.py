@@ -135,7 +135,13 @@ def cmd_run(args) -> int:
     check_store(default_tracking_uri(results))  # a damaged store is said before the models load
     if _preflight(grid):
         return EXIT_BAD_INPUT
+    import logging
+
     from harness.executor import run_grid
+
+    # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
+    # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv)
 
@@ -380,11 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.core.runs import StoreError
+    from harness.core.runs import DiskFullError, StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except DiskFullError as e:  # not bad input: the same command works once there is space
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"{args.command}: disk full: {e}", file=sys.stderr)  # the runner recorded what it could
+        return 1
     except StoreError as e:  # a damaged or unwritable store: said before anything trains, never a traceback
         print(f"{args.command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -35,7 +35,7 @@ import yaml
 
 from harness.core import provenance
 from harness.core import runs as R
-from harness.core.tracking import MlflowTracker, default_tracking_uri, redact
+from harness.core.tracking import MlflowTracker, default_tracking_uri, is_disk_full, redact, says_disk_full
 from harness.core.variant import Variant
 from harness.progress import Progress, outcome_line, summary_table
 from harness.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
@@ -75,11 +75,17 @@ def _read_events(act: Active) -> None:
         if line.startswith(PREFIX):
             try:
                 act.state.update(json.loads(line[len(PREFIX):]))
+                continue
             except json.JSONDecodeError:
-                act.log.write(line)
-        else:
+                pass
+        try:
             act.log.write(line)
-    act.log.flush()
+        except OSError:  # a full disk: keep draining the pipe, or the worker blocks on a full one
+            pass
+    try:
+        act.log.flush()
+    except OSError:
+        pass
 
 
 def _slots(jobs: int | None) -> list[str | None]:
@@ -136,6 +142,8 @@ class Session:
         self._waiting: set[str] = set()  # variants another runner is training (said once each)
         self._opened_ms = 0
         self._unshielded: dict[int, object] = {}  # signal handlers to restore once an interrupted session closes
+        self.disk_full: R.DiskFullError | None = None  # set when a write found no space: nothing more starts
+        self.unmarked: list[str] = []  # runs whose end could not be recorded (left RUNNING: disk full)
 
     # -------------------------------------------------------- open / close
 
@@ -150,6 +158,16 @@ class Session:
         return {R.TAG_GRID: self.experiment_name, **provenance.tags()}
 
     def open(self) -> Session:
+        try:
+            return self._open()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            if self.parent_run:
+                self._try_end(self.parent_run, "FAILED")
+            raise R.DiskFullError(self.results_dir, _first_line(e)) from None
+
+    def _open(self) -> Session:
         self._opened_ms = int(time.time() * 1000)
         self.exp = self.store.experiment(self.experiment_name)
         recovered = self.store.recover_orphans(self.exp)
@@ -168,7 +186,7 @@ class Session:
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPT
-        return EXIT_FAILURES if self.failed() else EXIT_OK
+        return EXIT_FAILURES if self.failed() or self.disk_full else EXIT_OK
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes.values() if o.status in ("FAILED", "BLOCKED")]
@@ -180,9 +198,20 @@ class Session:
         print("\n" + redact(summary), file=self.stream, flush=True)
         assert self.parent is not None
         try:
-            self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
-            status = "KILLED" if self.interrupted else ("FAILED" if self.failed() or crashed else "FINISHED")
-            self.store.end_run(self.parent_run, status)
+            status = "KILLED" if self.interrupted else (
+                "FAILED" if self.failed() or crashed or self.disk_full else "FINISHED")
+            try:
+                self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                self._disk_full_seen(e)
+            self._try_end(self.parent_run, status)
+            if self.disk_full:
+                left = (f"{len(self.unmarked)} run(s) could not be marked and stay RUNNING: once there is space, the "
+                        f"next `harness run` marks them FAILED and reruns their variants" if self.unmarked
+                        else "every run was marked")
+                print(f"{self.disk_full}; {left}", file=self.stream, flush=True)
         finally:
             for signum, handler in self._unshielded.items():
                 signal.signal(signum, handler)
@@ -196,13 +225,50 @@ class Session:
         if v.parent_id:
             tags[R.TAG_STAGE] = v.parent_id
         run_id = self.store.start_run(self.exp, v.run_name, tags, parent=self.parent_run)
-        tracker = MlflowTracker(self.uri, run_id)
-        tracker.log_params({**v.params(), "variant_id": v.id})
-        tracker.log_text(yaml.safe_dump(v.config(), sort_keys=False), R.VARIANT_ARTIFACT)
+        try:
+            tracker = MlflowTracker(self.uri, run_id)
+            tracker.log_params({**v.params(), "variant_id": v.id})
+            tracker.log_text(yaml.safe_dump(v.config(), sort_keys=False), R.VARIANT_ARTIFACT)
+        except Exception:  # never leave a run RUNNING that no worker will end
+            self._try_end(run_id, "FAILED")
+            raise
         return run_id
 
+    def _disk_full_seen(self, e: BaseException) -> None:
+        if self.disk_full is None:
+            self.disk_full = R.DiskFullError(self.results_dir, _first_line(e))
+
+    def _try_end(self, run_id: str, status: str) -> None:
+        """End a run; on a full disk, remember it as left RUNNING instead of raising."""
+        try:
+            self.store.end_run(run_id, status)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+            self.unmarked.append(run_id)
+
     def _launch(self, v: Variant, index: int, slot: int, is_stage: bool) -> Active:
+        if self.disk_full is not None:  # nothing more starts; the loop stops the rest as after an interrupt
+            raise self.disk_full
+        try:
+            return self._launch_one(v, index, slot, is_stage)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+            raise self.disk_full from None
+
+    def _launch_one(self, v: Variant, index: int, slot: int, is_stage: bool) -> Active:
         run_id = self._start_child(v)
+        try:
+            return self._start_worker(v, run_id, index, slot, is_stage)
+        except Exception:  # e.g. no space for the job file: the run must not stay RUNNING
+            self.claims.release(v.id)
+            self._try_end(run_id, "FAILED")
+            raise
+
+    def _start_worker(self, v: Variant, run_id: str, index: int, slot: int, is_stage: bool) -> Active:
         out_dir = self.runs_dir / v.id
         if out_dir.exists():  # leftovers of an earlier failed or killed attempt
             shutil.rmtree(out_dir)
@@ -232,7 +298,10 @@ class Session:
     def _finish(self, act: Active, rc: int, interrupted: bool) -> Outcome:
         if act.reader is not None:
             act.reader.join(timeout=10)
-        act.log.close()
+        try:
+            act.log.close()
+        except OSError:  # its last flush found the disk full: what the worker wrote itself is there
+            pass
         seconds = time.monotonic() - act.started
         result_path, error_path = act.out_dir / "result.json", act.out_dir / "error.json"
         tracker = MlflowTracker(self.uri, act.run_id)
@@ -244,23 +313,39 @@ class Session:
             status = "KILLED" if interrupted or rc == EXIT_INTERRUPTED or act.stop_reason else "FAILED"
             if act.stop_reason:
                 reason = act.stop_reason
-            elif error_path.is_file():
-                reason = json.loads(error_path.read_text())["reason"]
+            elif _json_or_none(error_path):
+                reason = _json_or_none(error_path)["reason"]
             elif rc < 0:
                 reason = f"worker killed by signal {signal.Signals(-rc).name}"
             else:
                 reason = f"worker exited with code {rc}"
-            tracker.set_tags({R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0})
         log_path = act.out_dir / "worker.log"
-        if log_path.is_file():
-            text = log_path.read_text(errors="replace")
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        if status != "FINISHED" and says_disk_full(text[-5000:]):  # the worker's own writes hit ENOSPC
+            reason = f"disk full: no space left in {act.out_dir} ({reason})"
+        # What follows writes. Small store writes first, the run's end among them, then the log file: on a
+        # nearly full disk the status is what must fit.
+        try:
+            tags = {R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0} if status != "FINISHED" else {}
+            if act.stop_reason:
+                tags[R.TAG_STOPPED] = act.stop_reason[:5000]
+            if tags:
+                tracker.set_tags(tags)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+        self._try_end(act.run_id, status)
+        try:
             masked = redact(text)
             if masked != text:  # libraries print what they are given (names, paths): mask the copy on disk too
                 log_path.write_text(masked)
-            tracker.log_text(masked[-2_000_000:], "worker.log")
-        if act.stop_reason:
-            tracker.set_tags({R.TAG_STOPPED: act.stop_reason[:5000]})
-        self.store.end_run(act.run_id, status)
+            if text:
+                tracker.log_text(masked[-2_000_000:], "worker.log")
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
         self.claims.release(act.variant.id)
         if status == "FINISHED":
             self.finished[act.variant.id] = act.run_id
@@ -277,6 +362,8 @@ class Session:
         """Claim `v` for this runner before training it. True: train it. False: another runner on this results
         folder is training it; wait (said once) and ask again. A run id: another runner finished it since,
         answer from the store (with --force, only a run started after this session opened counts)."""
+        if self.disk_full is not None:  # nothing more starts; the loop stops the rest as after an interrupt
+            raise self.disk_full
         if not self.claims.take(v.id):
             if v.id not in self._waiting:
                 self._waiting.add(v.id)
@@ -397,10 +484,11 @@ class Session:
                 progress.refresh(list(active.values()))
                 if active or pending:
                     time.sleep(0.25)
-        except KeyboardInterrupt:
-            self.interrupted = True
+        except (KeyboardInterrupt, R.DiskFullError) as stop:
+            self.interrupted = isinstance(stop, KeyboardInterrupt)
             self._shield(active, old_term)  # a second Ctrl-C must not break the shutdown half way
-            progress.line("interrupted: stopping running variants (they end KILLED)...")
+            progress.line(f"{'interrupted' if self.interrupted else stop}: stopping running variants (they end "
+                          f"KILLED)...")
             for act in active.values():
                 _stop(act.proc)
             for act in active.values():
@@ -410,7 +498,8 @@ class Session:
                 if on_done is not None:
                     on_done(o)
             for _, v in pending:
-                outcomes[v.id] = self.outcomes[v.id] = o = Outcome(v, "NOT RUN", reason="interrupted")
+                outcomes[v.id] = self.outcomes[v.id] = o = Outcome(v, "NOT RUN", reason="interrupted" if
+                                                                   self.interrupted else "disk full")
                 if on_done is not None:
                     on_done(o)
         finally:
@@ -444,6 +533,19 @@ def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None =
     with session:
         session.run_variants(grid.variants)
     return session.exit_code
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _json_or_none(path: Path) -> dict | None:
+    """A small JSON file the worker wrote, or None when it is missing or cut short (a full disk)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _masked_labels(variant_json: dict) -> dict:

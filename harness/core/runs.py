@@ -17,7 +17,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from harness.core.tracking import default_tracking_uri, redact, redact_mapping, retry
+from harness.core.tracking import default_tracking_uri, is_disk_full, redact, redact_mapping, retry
 
 TAG_VARIANT = "harness.variant_id"
 TAG_GRID = "harness.grid"
@@ -109,6 +109,14 @@ class StoreError(RuntimeError):
     """The tracking store cannot be opened or written; the message names it and says what to do."""
 
 
+class DiskFullError(StoreError):
+    """No space left where the store or the run outputs are written."""
+
+    def __init__(self, folder: Path, detail: str):
+        self.folder, self.detail = folder, detail
+        super().__init__(f"disk full: no space left in {folder} ({detail})")
+
+
 def check_store(uri: str) -> None:
     """Refuse a damaged sqlite store (a truncated or overwritten mlflow.db) before MLflow opens it: MLflow
     would answer with a long SQLAlchemy traceback. Read-only: the file is left exactly as it is."""
@@ -151,6 +159,8 @@ class Store:
                     retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
             except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
                 text = str(getattr(e, "orig", None) or e).splitlines()[0]
+                if is_disk_full(e):
+                    raise DiskFullError(Path(uri.removeprefix("sqlite:///")).parent, text) from None
                 if not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text:
                     raise
                 raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
@@ -243,8 +253,11 @@ class Claims:
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:  # who holds it, for the other runner's message; the lock itself needs no space
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
         self.held[variant_id] = fd
         return True
 

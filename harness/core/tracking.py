@@ -11,6 +11,7 @@ Default store: sqlite:///results/mlflow.db (MLFLOW_TRACKING_URI wins). MLflow is
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -71,6 +72,18 @@ def default_tracking_uri(results_dir: Path) -> str:
         return uri
     results_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, however it arrives: an OSError from a file write, or sqlite's "database or disk is full"
+    wrapped by SQLAlchemy and MLflow."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or says_disk_full(str(e))
+
+
+def says_disk_full(text: str) -> bool:
+    """Whether a message or log tail reports a full disk."""
+    text = text.lower()
+    return "database or disk is full" in text or "no space left on device" in text
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
