@@ -173,12 +173,14 @@ def test_unreadable_files_get_a_clear_error_not_a_traceback(tmp_path, capsys):
     bad_grid = tmp_path / "latin1.yaml"
     bad_grid.write_bytes("name: caf\xe9\n".encode("latin-1"))
     assert main(["validate", str(bad_grid)]) == 2
-    assert "latin1.yaml: not UTF-8 text (byte 0xe9 on line 1); a grid file must be saved as UTF-8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "latin1.yaml: not UTF-8 text (byte 0xe9 on line 1); a grid file must be saved as UTF-8" in err
 
     cases = {
         "latin1.jsonl": (builtin.encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"),
                          f"not UTF-8 text (byte 0xe9 on line {builtin.count(chr(10)) + 1})"),
-        "latin1.csv": ("prompt,chosen,rejected\ncaf\xe9,a,b\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 2)"),
+        "latin1.csv": ("prompt,chosen,rejected\ncaf\xe9,a,b\n".encode("latin-1"),
+                       "not UTF-8 text (byte 0xe9 on line 2)"),
         "text.parquet": (b"prompt,chosen,rejected\n", "cannot be read as parquet: "),
     }
     for name, (content, message) in cases.items():
@@ -390,7 +392,8 @@ def test_dotted_and_nested_spelling_of_one_field_is_refused(tmp_path):
     """)
     with pytest.raises(GridError) as info:
         load_grid(grid)
-    assert f"{grid}: variants[0].lora.rank: given twice ('lora.rank' and 'lora: {{rank}}'); keep one" in info.value.errors
+    errors = info.value.errors
+    assert f"{grid}: variants[0].lora.rank: given twice ('lora.rank' and 'lora: {{rank}}'); keep one" in errors
     assert f"{grid}: exclude[0].lora.alpha: given twice ('lora.alpha' and 'lora: {{alpha}}'); keep one" in \
         info.value.errors
 
@@ -398,7 +401,8 @@ def test_dotted_and_nested_spelling_of_one_field_is_refused(tmp_path):
 def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     import time
 
-    lines = ["name: bomb", "defaults: {base_model: tiny-random-llama}", "x:", "  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines = ["name: bomb", "defaults: {base_model: tiny-random-llama}", "x:",
+             "  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     lines.append("description: *a8")  # 9**9 strings in a string field
     path = tmp_path / "bomb.yaml"
