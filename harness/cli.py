@@ -130,9 +130,9 @@ def cmd_run(args) -> int:
         print(f"run: --results: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from harness.core.runs import check_store
-    from harness.core.tracking import default_tracking_uri
 
-    check_store(default_tracking_uri(results))  # a damaged store is said before the models load
+    # a damaged store is said before the models load (default_tracking_uri would create the folder)
+    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
     if _preflight(grid):
         return EXIT_BAD_INPUT
     import logging
@@ -160,12 +160,19 @@ def _store_lost(results: Path) -> str | None:
 
 
 def _unwritable(results: Path) -> str | None:
-    """Why the results folder cannot take a run (created if missing), or None. Asked before anything is
-    tracked: a read-only folder would otherwise fail deep inside MLflow."""
+    """Why the results folder cannot take a run, or None. Asked before anything is tracked (a read-only folder
+    would otherwise fail deep inside MLflow) and without creating anything: bad input leaves no trace."""
     import tempfile
 
+    existing = results.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{results} is not a writable folder ({existing} is not a folder)"
+    if existing != results.absolute():  # created by the run: its first existing parent must let us
+        ok = os.access(existing, os.W_OK | os.X_OK)
+        return None if ok else f"{results} is not a writable folder ({existing} is read-only)"
     try:
-        results.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=results):
             pass
     except OSError as e:
