@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -40,7 +41,9 @@ def resolve_data_path(value: str, base_dir: Path, split: str = "train") -> Path:
         raise DataError(f"{value!r}: expected 'builtin' or a file ending in {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{value!r}: no such file ({path})")
-    return path.resolve()
+    # Absolute, but not through symlinks: the file is read by the name given (its suffix says the format),
+    # and HF hub caches, DVC and git-annex link names like train.jsonl to suffix-less blobs.
+    return Path(os.path.abspath(path))
 
 
 def fingerprint(path: Path) -> str:
@@ -49,9 +52,31 @@ def fingerprint(path: Path) -> str:
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a data file as dicts; conversational CSV cells are decoded from JSON."""
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {not_utf8(path.read_bytes())}; save it as UTF-8") from None
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pandas and pyarrow raise many types for a file that is not what it says
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot be read as {path.suffix.lstrip('.')}: {first}") from None
+
+
+def not_utf8(data: bytes) -> str:
+    """Where bytes stop being UTF-8, for an error message ("" when they are UTF-8)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        return f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})"
+    return ""
+
+
+def _read_rows(path: Path) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -238,6 +238,20 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def smallest_linear_dim(model, names: list[str], layers: list[int] | None) -> int | None:
+    """min(in_features, out_features) over the decoder's linear modules with these leaf names (in these
+    layers): the highest rank a LoRA update on them can have. None when none is found."""
+    import torch
+
+    dims = []
+    for full, module in model.named_modules():
+        found = re.search(r"\.layers\.(\d+)\.", full)
+        if (isinstance(module, torch.nn.Linear) and found and full.rsplit(".", 1)[-1] in names
+                and (layers is None or int(found.group(1)) in layers)):
+            dims.append(min(module.in_features, module.out_features))
+    return min(dims) if dims else None
+
+
 def resolve_lora_targets(targets: str | list[str], model) -> tuple[list[str], list[int] | None]:
     """Preset or module list -> (target module names, layer indices or None for all layers)."""
     real = linear_module_names(model)

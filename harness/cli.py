@@ -17,30 +17,45 @@ Precedence: command-line flags > grid YAML > schema defaults.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+LARGE_GRID = 100  # variants: a bigger `run` needs --yes (an axis too many multiplies the work)
 
 
 def _results_dir(args) -> Path:
     return Path(args.results or os.environ.get("HARNESS_RESULTS_DIR") or "results")
 
 
+def _say(*parts, file=None) -> None:
+    """print, with secrets masked: names, descriptions and echoed values come from user files."""
+    from harness.core.tracking import redact
+
+    print(redact(" ".join(str(p) for p in parts)), file=file or sys.stdout)
+
+
 def _load(path: str, *, check_data: bool = True):
     from harness.grid import GridError, load_grid
 
     try:
-        return load_grid(path, check_data=check_data)
+        grid = load_grid(path, check_data=check_data)
     except GridError as e:
-        print(f"{len(e.errors)} problem(s) in {path}:", file=sys.stderr)
+        _say(f"{len(e.errors)} problem(s) in {path}:", file=sys.stderr)
         for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}", file=sys.stderr)
         return None
+    for note in grid.notes:  # not errors, but nothing a user should learn only from the runs
+        _say(f"note: {note}", file=sys.stderr)
+    return grid
 
 
 def _steps(v) -> int:
@@ -54,6 +69,8 @@ def _steps(v) -> int:
 
 
 def cmd_plan(args) -> int:
+    from harness.core.tracking import redact
+
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
@@ -62,12 +79,12 @@ def cmd_plan(args) -> int:
     by_id = grid.by_id()
     for i, v in enumerate(grid.variants, 1):
         parent = by_id[v.parent_id].run_name if v.parent_id else ""
-        rows.append((str(i), v.id, v.run_name, v.spec.method, str(_steps(v)), parent, v.source))
+        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
+        _say("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
     extra = f"; {grid.collapsed} duplicate(s) collapsed by id" if grid.collapsed else ""
-    print(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
+    _say(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
           f"optimiser steps in total{extra}")
     return 0
 
@@ -80,7 +97,7 @@ def cmd_validate(args) -> int:
         errors = _preflight(grid)
         if errors:
             return EXIT_BAD_INPUT
-    print(f"{args.grid}: ok ({len(grid.variants)} variants)")
+    _say(f"{args.grid}: ok ({len(grid.variants)} variants)")
     return 0
 
 
@@ -94,21 +111,78 @@ def _preflight_variants(path, variants) -> list[str]:
 
     errors = preflight.check_variants(path, variants, pick_device())
     if errors:
-        print(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
+        _say(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
         for line in errors:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}", file=sys.stderr)
     return errors
 
 
 def cmd_run(args) -> int:
+    if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
+        print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
+              f"(leave it out for one per GPU, else 1)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
+    if len(grid.variants) > LARGE_GRID and not args.yes:
+        print(f"run: {args.grid} expands to {len(grid.variants)} variants (more than {LARGE_GRID}); check it with "
+              f"`python -m harness plan {args.grid}` and pass --yes to run them all (nothing was run)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    results = _results_dir(args)
+    problem = _unwritable(results) or _store_lost(results)
+    if problem:
+        print(f"run: --results: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from harness.core.runs import check_store
+
+    # a damaged store is said before the models load (default_tracking_uri would create the folder)
+    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
     if _preflight(grid):
         return EXIT_BAD_INPUT
+    import logging
+
     from harness.executor import run_grid
 
-    return run_grid(grid, _results_dir(args), force=args.force, jobs=args.jobs, argv=sys.argv)
+    # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
+    # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+    return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv)
+
+
+def _store_lost(results: Path) -> str | None:
+    """A missing mlflow.db next to the outputs of finished runs is a store deleted by accident: going on would
+    retrain every variant and overwrite those outputs (stage models live only there). Say so instead."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # the store is elsewhere; results/ holds only the outputs
+    finished = sorted(p.parent.name for p in (results / "runs").glob("*/result.json"))
+    if (results / "mlflow.db").exists() or not finished:
+        return None
+    return (f"{results / 'mlflow.db'} is missing, but {results / 'runs'} holds the outputs of {len(finished)} "
+            f"finished run(s) ({', '.join(finished[:3])}{', ...' if len(finished) > 3 else ''}); restore the store "
+            f"from a backup, or move {results / 'runs'} away to start afresh (nothing was run)")
+
+
+def _unwritable(results: Path) -> str | None:
+    """Why the results folder cannot take a run, or None. Asked before anything is tracked (a read-only folder
+    would otherwise fail deep inside MLflow) and without creating anything: bad input leaves no trace."""
+    import tempfile
+
+    existing = results.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{results} is not a writable folder ({existing} is not a folder)"
+    if existing != results.absolute():  # created by the run: its first existing parent must let us
+        ok = os.access(existing, os.W_OK | os.X_OK)
+        return None if ok else f"{results} is not a writable folder ({existing} is read-only)"
+    try:
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as e:
+        return f"{results} is not a writable folder ({e.strerror or e})"
+    return None
 
 
 def cmd_search(args) -> int:
@@ -201,7 +275,8 @@ def cmd_evaluate(args) -> int:
                              probe_length=config.get("eval.probe_length", 32),
                              beta=config.get("dpo.beta") if method is not None and method.uses("dpo") else None)
     table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
-    out = Path(args.out) if args.out else results / "evaluations" / f"{loaded.label}__{data.stem}.csv"
+    default = f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
+    out = Path(args.out) if args.out else results / "evaluations" / default
     E.write_table(table, out)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     print(f"{loaded.label} on {data} ({len(rows)} pairs):")
@@ -211,17 +286,87 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _file_name(label: str) -> str:
+    """A run or model label as one safe file name: run names are user text (a variant named `../../x` must
+    not write outside results/), so anything but letters, digits, `.`, `_`, `-` becomes `_`, no leading dot,
+    secrets masked first, at most 120 characters."""
+    import re
+
+    from harness.core.tracking import redact
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", redact(label)).lstrip(".")[:120]
+    return name or "unnamed"
+
+
 def cmd_ui(args) -> int:
     from harness.core.tracking import default_tracking_uri
 
     uri = default_tracking_uri(_results_dir(args))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
+    taken = _port_taken(args.host, args.port)
+    if taken:
+        print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    # The server is a tree (mlflow, uvicorn and its workers): it gets a process group of its own, and whatever
+    # ends this process (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_group(proc)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None. The MLflow server itself reports a taken port and
+    exits 0, so it is asked here first (SO_REUSEADDR, as the server binds: a port in TIME_WAIT is free)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"unknown host ({e.strerror or e})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by `proc`, wait for every member to be gone, SIGKILL what is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap our own child, or its zombie would count as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def cmd_metrics(args) -> int:
@@ -257,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("grid")
     s.add_argument("--force", action="store_true", help="rerun variants that already have a FINISHED run")
     s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
+    s.add_argument("--yes", action="store_true", help=f"run a grid of more than {LARGE_GRID} variants")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_run)
 
@@ -307,6 +453,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.core.runs import DiskFullError, StoreError
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file otherwise
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except DiskFullError as e:  # not bad input: the same command works once there is space
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"{args.command}: disk full: {e}", file=sys.stderr)  # the runner recorded what it could
+        return 1
+    except StoreError as e:  # a damaged or unwritable store: said before anything trains, never a traceback
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # outside a run's loop (loading, pre-flight, after the summary): nothing to record
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -35,10 +35,10 @@ import yaml
 
 from harness.core import provenance
 from harness.core import runs as R
-from harness.core.tracking import MlflowTracker, default_tracking_uri, redact
+from harness.core.tracking import MlflowTracker, default_tracking_uri, is_disk_full, redact, says_disk_full
 from harness.core.variant import Variant
 from harness.progress import Progress, outcome_line, summary_table
-from harness.worker import EXIT_INTERRUPTED, PREFIX
+from harness.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
 
@@ -75,15 +75,23 @@ def _read_events(act: Active) -> None:
         if line.startswith(PREFIX):
             try:
                 act.state.update(json.loads(line[len(PREFIX):]))
+                continue
             except json.JSONDecodeError:
-                act.log.write(line)
-        else:
+                pass
+        try:
             act.log.write(line)
-    act.log.flush()
+        except OSError:  # a full disk: keep draining the pipe, or the worker blocks on a full one
+            pass
+    try:
+        act.log.flush()
+    except OSError:
+        pass
 
 
 def _slots(jobs: int | None) -> list[str | None]:
     """One slot per GPU (CUDA_VISIBLE_DEVICES value), or `jobs` CPU slots."""
+    if jobs is not None and jobs < 1:  # no slot at all would wait forever for one to free up
+        raise ValueError(f"jobs must be 1 or more, got {jobs}")
     try:
         import torch
 
@@ -132,6 +140,12 @@ class Session:
         self.reuse_parent = reuse_parent  # continue this parent run (a resumed search) instead of a new one
         self.child_tags: dict[str, dict] = {}  # variant id -> extra tags for its run (a search's trial number)
         self._slots = _slots(jobs)
+        self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once
+        self._waiting: set[str] = set()  # variants another runner is training (said once each)
+        self._opened_ms = 0
+        self._unshielded: dict[int, object] = {}  # signal handlers to restore once an interrupted session closes
+        self.disk_full: R.DiskFullError | None = None  # set when a write found no space: nothing more starts
+        self.unmarked: list[str] = []  # runs whose end could not be recorded (left RUNNING: disk full)
 
     # -------------------------------------------------------- open / close
 
@@ -146,6 +160,17 @@ class Session:
         return {R.TAG_GRID: self.experiment_name, **provenance.tags()}
 
     def open(self) -> Session:
+        try:
+            return self._open()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            if self.parent_run:
+                self._try_end(self.parent_run, "FAILED")
+            raise R.DiskFullError(self.results_dir, _first_line(e)) from None
+
+    def _open(self) -> Session:
+        self._opened_ms = int(time.time() * 1000)
         self.exp = self.store.experiment(self.experiment_name)
         recovered = self.store.recover_orphans(self.exp)
         if recovered:
@@ -167,7 +192,7 @@ class Session:
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPT
-        return EXIT_FAILURES if self.failed() else EXIT_OK
+        return EXIT_FAILURES if self.failed() or self.disk_full else EXIT_OK
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes.values() if o.status in ("FAILED", "BLOCKED")]
@@ -178,9 +203,25 @@ class Session:
         summary = summary_table(ordered)
         print("\n" + redact(summary), file=self.stream, flush=True)
         assert self.parent is not None
-        self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
-        status = "KILLED" if self.interrupted else ("FAILED" if self.failed() or crashed else "FINISHED")
-        self.store.end_run(self.parent_run, status)
+        try:
+            status = "KILLED" if self.interrupted else (
+                "FAILED" if self.failed() or crashed or self.disk_full else "FINISHED")
+            try:
+                self.parent.log_text(summary, R.SUMMARY_ARTIFACT)
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                self._disk_full_seen(e)
+            self._try_end(self.parent_run, status)
+            if self.disk_full:
+                left = (f"{len(self.unmarked)} run(s) could not be marked and stay RUNNING: once there is space, the "
+                        f"next `harness run` marks them FAILED and reruns their variants" if self.unmarked
+                        else "every run was marked")
+                print(f"{self.disk_full}; {left}", file=self.stream, flush=True)
+        finally:
+            for signum, handler in self._unshielded.items():
+                signal.signal(signum, handler)
+            self._unshielded = {}
 
     # -------------------------------------------------------- one variant's process
 
@@ -190,30 +231,71 @@ class Session:
         if v.parent_id:
             tags[R.TAG_STAGE] = v.parent_id
         run_id = self.store.start_run(self.exp, v.run_name, tags, parent=self.parent_run)
-        tracker = MlflowTracker(self.uri, run_id)
-        tracker.log_params({**v.params(), "variant_id": v.id})
-        tracker.log_text(yaml.safe_dump(v.config(), sort_keys=False), R.VARIANT_ARTIFACT)
+        try:
+            tracker = MlflowTracker(self.uri, run_id)
+            tracker.log_params({**v.params(), "variant_id": v.id})
+            tracker.log_text(yaml.safe_dump(v.config(), sort_keys=False), R.VARIANT_ARTIFACT)
+        except Exception:  # never leave a run RUNNING that no worker will end
+            self._try_end(run_id, "FAILED")
+            raise
         return run_id
 
+    def _disk_full_seen(self, e: BaseException) -> None:
+        if self.disk_full is None:
+            self.disk_full = R.DiskFullError(self.results_dir, _first_line(e))
+
+    def _try_end(self, run_id: str, status: str) -> None:
+        """End a run; on a full disk, remember it as left RUNNING instead of raising."""
+        try:
+            self.store.end_run(run_id, status)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+            self.unmarked.append(run_id)
+
     def _launch(self, v: Variant, index: int, slot: int, is_stage: bool) -> Active:
+        if self.disk_full is not None:  # nothing more starts; the loop stops the rest as after an interrupt
+            raise self.disk_full
+        try:
+            return self._launch_one(v, index, slot, is_stage)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+            raise self.disk_full from None
+
+    def _launch_one(self, v: Variant, index: int, slot: int, is_stage: bool) -> Active:
         run_id = self._start_child(v)
+        try:
+            return self._start_worker(v, run_id, index, slot, is_stage)
+        except Exception:  # e.g. no space for the job file: the run must not stay RUNNING
+            self.claims.release(v.id)
+            self._try_end(run_id, "FAILED")
+            raise
+
+    def _start_worker(self, v: Variant, run_id: str, index: int, slot: int, is_stage: bool) -> Active:
         out_dir = self.runs_dir / v.id
         if out_dir.exists():  # leftovers of an earlier failed or killed attempt
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        job = {"variant": v.to_json(), "method": v.method.to_json(), "tracking_uri": self.uri, "run_id": run_id,
+        # The job file is on disk for as long as the results are: it holds no environment value (the store's
+        # URI, which may carry a password, goes to the worker in its environment) and only masked labels.
+        job = {"variant": _masked_labels(v.to_json()), "method": v.method.to_json(), "run_id": run_id,
                "out_dir": str(out_dir), "stage_dir": str(self.runs_dir / v.parent_id) if v.parent_id else None,
                "is_stage": is_stage, "cache_dir": str(self.results_dir / "cache")}
         job_path = out_dir / "job.json"
         job_path.write_text(json.dumps(job, indent=1))
         env = dict(os.environ)
+        env[TRACKING_URI_ENV] = self.uri
         device = self._slots[slot]
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log = (out_dir / "worker.log").open("w")
         proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], stdout=subprocess.PIPE,
-                                stderr=log, env=env, text=True, bufsize=1, start_new_session=True)
+                                stderr=log, env=env, text=True, bufsize=1, start_new_session=True,
+                                pass_fds=(self.claims.fd(v.id),))  # the claim lives as long as the worker
         act = Active(variant=v, index=index, proc=proc, run_id=run_id, out_dir=out_dir, slot=slot, log=log)
         act.reader = threading.Thread(target=_read_events, args=(act,), daemon=True)
         act.reader.start()
@@ -222,7 +304,10 @@ class Session:
     def _finish(self, act: Active, rc: int, interrupted: bool) -> Outcome:
         if act.reader is not None:
             act.reader.join(timeout=10)
-        act.log.close()
+        try:
+            act.log.close()
+        except OSError:  # its last flush found the disk full: what the worker wrote itself is there
+            pass
         seconds = time.monotonic() - act.started
         result_path, error_path = act.out_dir / "result.json", act.out_dir / "error.json"
         tracker = MlflowTracker(self.uri, act.run_id)
@@ -234,19 +319,40 @@ class Session:
             status = "KILLED" if interrupted or rc == EXIT_INTERRUPTED or act.stop_reason else "FAILED"
             if act.stop_reason:
                 reason = act.stop_reason
-            elif error_path.is_file():
-                reason = json.loads(error_path.read_text())["reason"]
+            elif _json_or_none(error_path):
+                reason = _json_or_none(error_path)["reason"]
             elif rc < 0:
                 reason = f"worker killed by signal {signal.Signals(-rc).name}"
             else:
                 reason = f"worker exited with code {rc}"
-            tracker.set_tags({R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0})
         log_path = act.out_dir / "worker.log"
-        if log_path.is_file():
-            tracker.log_text(log_path.read_text(errors="replace")[-2_000_000:], "worker.log")
-        if act.stop_reason:
-            tracker.set_tags({R.TAG_STOPPED: act.stop_reason[:5000]})
-        self.store.end_run(act.run_id, status)
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        if status != "FINISHED" and says_disk_full(text[-5000:]):  # the worker's own writes hit ENOSPC
+            reason = f"disk full: no space left in {act.out_dir} ({reason})"
+        # What follows writes. Small store writes first, the run's end among them, then the log file: on a
+        # nearly full disk the status is what must fit.
+        try:
+            tags = {R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0} if status != "FINISHED" else {}
+            if act.stop_reason:
+                tags[R.TAG_STOPPED] = act.stop_reason[:5000]
+            if tags:
+                tracker.set_tags(tags)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+        self._try_end(act.run_id, status)
+        try:
+            masked = redact(text)
+            if masked != text:  # libraries print what they are given (names, paths): mask the copy on disk too
+                log_path.write_text(masked)
+            if text:
+                tracker.log_text(masked[-2_000_000:], "worker.log")
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            self._disk_full_seen(e)
+        self.claims.release(act.variant.id)
         if status == "FINISHED":
             self.finished[act.variant.id] = act.run_id
         label = "PRUNED" if act.stop_reason and not interrupted else status
@@ -257,6 +363,25 @@ class Session:
         done = self.finished.get(v.id)
         stage_ok = v.id not in stages or (self.runs_dir / v.id / "model" / "config.json").is_file()
         return done if done and stage_ok else None
+
+    def _claim(self, v: Variant, stages: set[str], say: Callable[[str], None]) -> bool | str:
+        """Claim `v` for this runner before training it. True: train it. False: another runner on this results
+        folder is training it; wait (said once) and ask again. A run id: another runner finished it since,
+        answer from the store (with --force, only a run started after this session opened counts)."""
+        if self.disk_full is not None:  # nothing more starts; the loop stops the rest as after an interrupt
+            raise self.disk_full
+        if not self.claims.take(v.id):
+            if v.id not in self._waiting:
+                self._waiting.add(v.id)
+                say(f"waiting: {v.run_name} ({v.id}) is being trained by another runner "
+                    f"({self.claims.holder(v.id)}); it will be answered from the store")
+            return False
+        done = self.store.finished_since(self.exp, v.id, self._opened_ms if self.force else 0)
+        if done and (v.id not in stages or (self.runs_dir / v.id / "model" / "config.json").is_file()):
+            self.claims.release(v.id)
+            self.finished[v.id] = done
+            return done
+        return True
 
     # -------------------------------------------------------- the loop
 
@@ -342,6 +467,13 @@ class Session:
                         continue
                     if not free:
                         break
+                    claim = self._claim(v, stages, progress.line)
+                    if claim is False:
+                        continue  # another runner trains it: ask again on the next pass
+                    if claim is not True:
+                        pending.remove(item)
+                        record(i, Outcome(v, "SKIPPED", claim, reason="FINISHED by another runner"))
+                        continue
                     slot = free.pop(0)
                     progress.line(f"[{i}/{total or counter[0]}] start {v.run_name} ({v.id})")
                     active[v.id] = self._launch(v, i, slot, is_stage=v.id in stages)
@@ -358,9 +490,11 @@ class Session:
                 progress.refresh(list(active.values()))
                 if active or pending:
                     time.sleep(0.25)
-        except KeyboardInterrupt:
-            self.interrupted = True
-            progress.line("interrupted: stopping running variants (they end KILLED)...")
+        except (KeyboardInterrupt, R.DiskFullError) as stop:
+            self.interrupted = isinstance(stop, KeyboardInterrupt)
+            self._shield(active, old_term)  # a second Ctrl-C must not break the shutdown half way
+            progress.line(f"{'interrupted' if self.interrupted else stop}: stopping running variants (they end "
+                          f"KILLED)...")
             for act in active.values():
                 _stop(act.proc)
             for act in active.values():
@@ -370,12 +504,29 @@ class Session:
                 if on_done is not None:
                     on_done(o)
             for _, v in pending:
-                outcomes[v.id] = self.outcomes[v.id] = o = Outcome(v, "NOT RUN", reason="interrupted")
+                outcomes[v.id] = self.outcomes[v.id] = o = Outcome(v, "NOT RUN", reason="interrupted" if
+                                                                   self.interrupted else "disk full")
                 if on_done is not None:
                     on_done(o)
         finally:
-            signal.signal(signal.SIGTERM, old_term)
+            if not self._unshielded:
+                signal.signal(signal.SIGTERM, old_term)
         return outcomes
+
+    def _shield(self, active: dict[str, Active], old_term) -> None:
+        """From the first interrupt until `close` has recorded everything, a further Ctrl-C or SIGTERM no
+        longer raises (it would leave runs RUNNING): it kills the running workers at once instead of waiting
+        for them to stop, and they still end KILLED."""
+        def again(signum, frame):
+            print("interrupted again: killing the running variants now (they still end KILLED)", file=self.stream,
+                  flush=True)
+            for act in list(active.values()):
+                if act.proc.poll() is None:
+                    act.proc.kill()
+
+        self._unshielded = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: old_term}
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
 
 
 def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,
@@ -388,6 +539,29 @@ def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None =
     with session:
         session.run_variants(grid.variants)
     return session.exit_code
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _json_or_none(path: Path) -> dict | None:
+    """A small JSON file the worker wrote, or None when it is missing or cut short (a full disk)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _masked_labels(variant_json: dict) -> dict:
+    """A variant's JSON with its free-text labels (name, from:, run name) masked by `redact`. The id and the
+    data paths are what the worker needs; the labels are only shown."""
+    spec = dict(variant_json["spec"])
+    for key in ("name", "from"):
+        if isinstance(spec.get(key), str):
+            spec[key] = redact(spec[key])
+    return {**variant_json, "spec": spec, "run_name": redact(variant_json["run_name"])}
 
 
 def _raise_interrupt(signum, frame):

@@ -97,15 +97,46 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_GRID_BYTES = 1_000_000  # a grid is a page of YAML; anything near this is a mistake or an attack
+MAX_GRID_VALUES = 100_000  # values after YAML aliases are expanded (an "alias bomb" nests them exponentially)
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """Number of values in `value` with aliases counted every time they are used, stopping past `limit`
+    (PyYAML shares aliased objects, so a 1 kB file can stand for billions of values)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        size = path.stat().st_size
     except OSError as e:
         raise GridError([f"{path}: cannot read: {e.strerror}"]) from None
+    if size > MAX_GRID_BYTES:
+        raise GridError([f"{path}: {size} bytes; a grid file is at most {MAX_GRID_BYTES} bytes"])
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GridError([f"{path}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise GridError([f"{path}: {D.not_utf8(path.read_bytes())}; a grid file must be saved as UTF-8"]) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
     except yaml.YAMLError as e:
         raise GridError([f"{path}: invalid YAML: {e}"]) from None
+    if _expanded_size(data, MAX_GRID_VALUES) > MAX_GRID_VALUES:
+        raise GridError([f"{path}: expands to more than {MAX_GRID_VALUES} values once its YAML aliases (*name) "
+                         f"are followed; a grid needs far fewer (nested aliases multiply)"])
+    return data
 
 
 # ---------------------------------------------------------------- the pipeline's values
@@ -118,6 +149,7 @@ class Grid:
     description: str
     variants: list[Variant]  # parents before children
     collapsed: int = 0  # duplicates removed by id
+    notes: list[str] = field(default_factory=list)  # surprises that are not errors (a name that vanished, ...)
 
     def by_id(self) -> dict[str, Variant]:
         return {v.id: v for v in self.variants}
@@ -140,6 +172,7 @@ class RawGrid:
     axes: list[tuple[str, list]]  # (dotted key, values) per swept field
     excludes: list[dict]  # flat {dotted key: value} per exclude entry
     extra: dict = field(default_factory=dict)  # top-level sections a caller asked for (a search's `search:`)
+    notes: list[str] = field(default_factory=list)  # filled by the steps, shown by plan/validate/run
 
     @property
     def file(self) -> str:
@@ -196,12 +229,15 @@ def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = (
     if fatal:
         raise GridError(fatal)
     axis_leaves = _axis_leaves(axes, "", errors)
+    errors.extend(f"{file}: {e}" for e in _given_twice(defaults, "defaults"))
+    errors.extend(f"{file}: {e}" for e in _given_twice(axes, "axes"))
     entries_n: list[dict] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             errors.append(f"{file}: variants[{i}]: expected a mapping of fields, got {entry!r}")
             entries_n.append({})
         else:
+            errors.extend(f"{file}: {e}" for e in _given_twice(entry, f"variants[{i}]"))
             entries_n.append(normalise(entry))
     names = [e.get("name") for e in entries_n]
     for n in {n for n in names if n and names.count(n) > 1}:
@@ -211,6 +247,7 @@ def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = (
         if not isinstance(ex, dict) or not ex:
             errors.append(f"{file}: exclude[{j}]: expected a mapping of field: value, got {ex!r}")
             continue
+        errors.extend(f"{file}: {e}" for e in _given_twice(ex, f"exclude[{j}]"))
         flat = flatten(normalise(ex))
         for key in flat:
             if key not in field_names():
@@ -219,6 +256,31 @@ def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = (
     return RawGrid(path=path, name=name, description=str(raw.get("description", "")), defaults=normalise(defaults),
                    entries=entries_n, explicit_entries=bool(raw.get("variants")), axes=axis_leaves,
                    excludes=flat_excludes, extra={k: raw[k] for k in extra_keys if k in raw})
+
+
+def _given_twice(section: dict, where: str) -> list[str]:
+    """A field written both dotted and nested (`lora.rank: 4` beside `lora: {rank: 8}`) would silently keep
+    one of the two: refuse it, naming both spellings."""
+    seen: dict[str, str] = {}
+    out = []
+
+    def walk(d: dict, prefix: str, spelled: str) -> None:
+        for key, value in d.items():
+            path, written = f"{prefix}{key}", f"{spelled}{key}"
+            if isinstance(value, dict) and value:
+                walk(value, path + ".", f"{written}: {{" if not spelled else f"{written}.")
+                continue
+            if path in seen:
+                out.append(f"{where}.{path}: given twice ({seen[path]!r} and {_spelling(written)!r}); keep one")
+            else:
+                seen[path] = _spelling(written)
+
+    walk(section, "", "")
+    return out
+
+
+def _spelling(written: str) -> str:
+    return written + "}" * written.count("{")
 
 
 def _axis_leaves(axes: dict, path: str, errors: list[str]) -> list[tuple[str, list]]:
@@ -266,6 +328,10 @@ def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
             if combo:
                 src += " × axes{" + ", ".join(f"{k}={fmt_value(v)}" for k, v in combo.items()) + "}"
             out.append(Candidate(spec, src))
+    for j, ex in enumerate(raw.excludes):
+        if out and not any(_excluded(c.spec, [ex]) for c in out):
+            raw.notes.append(f"{raw.file}: exclude[{j}]: matches no variant "
+                             f"({', '.join(f'{k}={fmt_value(v)}' for k, v in ex.items())}); nothing was excluded by it")
     out = [c for c in out if not _excluded(c.spec, raw.excludes)]
     if not out and not errors:
         raise GridError([f"{raw.file}: the grid expands to no variants (everything excluded?)"])
@@ -388,19 +454,24 @@ def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, di
     varying = {k for k in flat_specs[0] if len({json.dumps(f.get(k)) for f in flat_specs}) > 1}
 
     variants: list[Variant] = []
-    seen: set[str] = set()
+    seen: dict[str, Candidate] = {}
     for n, c in enumerate(candidates):
         parent_id = stage_ids.get(c.spec.from_) if c.spec.from_ else None
         vid = variant_id(identity(n, parent_id))
         if vid in seen:
+            first = seen[vid]
+            if c.spec.name and c.spec.name != first.spec.name:  # its name would vanish without a word
+                raw.notes.append(f"{raw.file}: {c.source} (name {c.spec.name!r}) has the same config as "
+                                 f"{first.source} (name {first.spec.name!r}): one variant, id {vid}, run once "
+                                 f"under the first name")
             continue
-        seen.add(vid)
+        seen[vid] = c
         variants.append(Variant(spec=c.spec, id=vid, run_name=run_name(c.spec, varying), grid=raw.name,
                                 source=c.source, parent_id=parent_id, data_paths=data_paths[n],
                                 grid_dir=str(raw.dir)))
     variants.sort(key=lambda v: v.parent_id is not None)  # stages first; stable otherwise
     return Grid(name=raw.name, path=raw.path, description=raw.description, variants=variants,
-                collapsed=len(candidates) - len(variants))
+                collapsed=len(candidates) - len(variants), notes=list(dict.fromkeys(raw.notes)))
 
 
 def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:

@@ -24,6 +24,7 @@ def check_variants(path, variants: list[Variant], device: str) -> list[str]:
     errors: list[str] = []
     skeletons: dict[str, object] = {}
     tokenizers: dict[str, object] = {}
+    audits: dict[tuple, bool] = {}  # (model, file, selection, max_length) -> every row fully truncated
     for v in variants:
         spec, where = v.spec, f"{path}: {v.source}"
         try:
@@ -49,9 +50,15 @@ def check_variants(path, variants: list[Variant], device: str) -> list[str]:
         method = spec.method_record
         if method.uses_lora:
             try:
-                M.resolve_lora_targets(spec.lora.targets, model)
+                targets, layers = M.resolve_lora_targets(spec.lora.targets, model)
             except M.ModelError as e:
                 errors.append(f"{where}: lora.targets: {e}")
+            else:
+                smallest = M.smallest_linear_dim(model, targets, layers)
+                if smallest and spec.lora.rank > smallest:
+                    errors.append(f"{where}: lora.rank: {spec.lora.rank} is more than {smallest}, the smallest "
+                                  f"dimension of the targeted modules ({', '.join(targets)}) of {name}; a LoRA update "
+                                  f"has rank at most that, so a higher rank only adds memory (use 1..{smallest})")
         if method.uses("partial_ft"):
             try:
                 M.select_layers(spec.partial_ft.layers, M.num_layers(model))
@@ -64,6 +71,32 @@ def check_variants(path, variants: list[Variant], device: str) -> list[str]:
             if conversational and not getattr(tok, "chat_template", None):
                 errors.append(f"{where}: data.{key}: {v.data_paths[key]} is conversational but {name}'s tokenizer "
                               f"has no chat template; use a chat model or plain-string data")
+        if tok is not None:
+            errors.extend(f"{where}: {e}" for e in _usable_under_max_length(v, tok, audits))
         if tok is not None and tok.pad_token is None and tok.eos_token is None:
             errors.append(f"{where}: base_model: {name}'s tokenizer has neither a pad nor an eos token")
     return list(dict.fromkeys(errors))
+
+
+def _usable_under_max_length(v, tok, audits: dict[tuple, bool]) -> list[str]:
+    """A data.max_length so small that the prompt alone fills it for every selected training row (or every
+    evaluation pair) leaves nothing to train on or measure: the variant would only fail once started."""
+    spec, out = v.spec, []
+    sides = (("train", spec.data.size, spec.method_record.data_kind), ("eval", None, "preference"))
+    for key, size, kind in sides:
+        path = v.data_paths[key]
+        cache = (spec.base_model, path, size, spec.data.shuffle_seed, kind, spec.data.max_length)
+        if cache not in audits:
+            rows = D.select(D.read_rows(Path(path)), size, spec.data.shuffle_seed) if key == "train" \
+                else D.read_rows(Path(path))
+            rows = D.preference_rows(rows) if kind == "preference" else D.sft_rows(rows)
+            try:
+                report = D.audit(rows, tok, spec.data.max_length, kind)
+                audits[cache] = bool(rows) and report["fully_truncated"] == len(rows)
+            except D.DataError:
+                audits[cache] = False  # conversational data without a chat template: reported above
+        if audits[cache]:
+            out.append(f"data.max_length: {spec.data.max_length} tokens: the prompt alone fills it for every "
+                       f"{'selected training row' if key == 'train' else 'evaluation pair'} of {path}, so nothing "
+                       f"is left to {'train on' if key == 'train' else 'measure'}; raise data.max_length")
+    return out

@@ -9,12 +9,15 @@ to stdout as `@@harness {json}` lines; everything else the libraries print goes 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
 from pathlib import Path
 
 PREFIX = "@@harness "
+# The store's URI reaches the worker in its environment, never in the job file (it may hold a password).
+TRACKING_URI_ENV = "HARNESS_TRACKING_URI"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -37,13 +40,14 @@ def main(argv: list[str]) -> int:
 
     from harness.core import methods
     from harness.core import runs as R
-    from harness.core.tracking import MlflowTracker, NullTracker
+    from harness.core.tracking import MlflowTracker, NullTracker, redact
     from harness.core.variant import Variant
 
     if job.get("method") and job["method"]["name"] not in methods.names():
         methods.register(methods.Method.from_json(job["method"]))
     variant = Variant.from_json(job["variant"])
-    tracker = MlflowTracker(job["tracking_uri"], job["run_id"]) if job.get("run_id") else NullTracker()
+    uri = os.environ.get(TRACKING_URI_ENV) or job.get("tracking_uri")
+    tracker = MlflowTracker(uri, job["run_id"]) if job.get("run_id") and uri else NullTracker()
     step = {"step": 0}
 
     def emit(**event):
@@ -80,6 +84,7 @@ def main(argv: list[str]) -> int:
         text = str(e).lower()
         if "out of memory" in text or "can't allocate memory" in text or isinstance(e, MemoryError):
             reason = f"out of memory: {type(e).__name__}: {e}"
+        tb, reason = redact(tb), redact(reason)  # exception messages quote values, names and paths
         (out_dir / "traceback.txt").write_text(tb)
         (out_dir / "error.json").write_text(json.dumps({"reason": reason, "step": step["step"]}))
         sys.stderr.write(tb)

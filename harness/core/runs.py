@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
-from harness.core.tracking import default_tracking_uri, redact, redact_mapping, retry
+from harness.core.tracking import default_tracking_uri, is_disk_full, redact, redact_mapping, retry
 
 TAG_VARIANT = "harness.variant_id"
 TAG_GRID = "harness.grid"
@@ -62,8 +63,10 @@ def client(uri: str):
 
 
 def client_for(results_dir: Path):
-    """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins)."""
+    """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins). Raises StoreError for a
+    damaged store."""
     uri = default_tracking_uri(results_dir)
+    check_store(uri)
     return client(uri), uri
 
 
@@ -114,6 +117,40 @@ def is_grid_run(run) -> bool:
     return run.data.tags.get(TAG_KIND) in (KIND_GRID, KIND_SEARCH)
 
 
+class StoreError(RuntimeError):
+    """The tracking store cannot be opened or written; the message names it and says what to do."""
+
+
+class DiskFullError(StoreError):
+    """No space left where the store or the run outputs are written."""
+
+    def __init__(self, folder: Path, detail: str):
+        self.folder, self.detail = folder, detail
+        super().__init__(f"disk full: no space left in {folder} ({detail})")
+
+
+def check_store(uri: str) -> None:
+    """Refuse a damaged sqlite store (a truncated or overwritten mlflow.db) before MLflow opens it: MLflow
+    would answer with a long SQLAlchemy traceback. Read-only: the file is left exactly as it is."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # a new store: MLflow creates it
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            result = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+        problem = None if result == ("ok",) else str(result[0] if result else "no answer")
+    except sqlite3.Error as e:
+        problem = str(e)
+    if problem and not any(w in problem.lower() for w in ("locked", "busy")):  # busy is another runner, fine
+        raise StoreError(f"{path}: the MLflow store is damaged (sqlite: {problem}); it was left as it is. "
+                         f"Restore it from a backup, or give another --results folder")
+
+
 class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
@@ -122,14 +159,25 @@ class Store:
         # MLFLOW_TRACKING_URI into os.environ, leaking one store into every later run in this process.)
         self.uri = uri
         self.artifact_root = artifact_root
+        check_store(uri)
         if uri.startswith("sqlite:///"):
             # A new sqlite store is created by running migrations when the client first opens it; several
             # runners starting at once on one new file would race on that, so they open it under a lock.
             from filelock import FileLock
 
-            with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
-                self.client = client(uri)
-                retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+            try:
+                with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                    self.client = client(uri)
+                    retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
+            except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
+                text = str(getattr(e, "orig", None) or e).splitlines()[0]
+                if is_disk_full(e):
+                    raise DiskFullError(Path(uri.removeprefix("sqlite:///")).parent, text) from None
+                if not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text:
+                    raise
+                raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
+                                 f"MLflow store there ({text}); check that the folder is writable, or give "
+                                 f"another --results folder") from None
         else:
             self.client = client(uri)
 
@@ -187,6 +235,14 @@ class Store:
         """variant id -> run id of its newest FINISHED run."""
         return {vid: run.info.run_id for vid, run in latest_finished(self.client, experiment_id).items()}
 
+    def finished_since(self, experiment_id: str, variant_id: str, since_ms: int = 0) -> str | None:
+        """Run id of the newest FINISHED run of one variant started at or after `since_ms` (epoch ms), or None:
+        asked again just after claiming a variant, because another runner may have finished it meanwhile."""
+        runs = [r for r in search(self.client, experiment_id,
+                                  f"{Q_VARIANTS_FINISHED} and tags.`{TAG_VARIANT}` = '{variant_id}'")
+                if r.info.start_time >= since_ms]
+        return max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+
     def recover_orphans(self, experiment_id: str) -> list[str]:
         """RUNNING runs whose executor process on this host is gone: mark FAILED, tag as recovered."""
         host = socket.gethostname()
@@ -199,6 +255,55 @@ class Store:
             self.end_run(run.info.run_id, "FAILED")
             recovered.append(run.info.run_id)
         return recovered
+
+
+class Claims:
+    """Which runner trains which variant, when several share one results folder: an exclusive, non-blocking
+    `flock` on `runs/.claims/<variant id>` per variant being trained.
+
+    The kernel drops the lock when its last holder exits, so a runner killed with -9 leaves no stale claim;
+    the runner hands the descriptor to its worker (`fd`), so the claim also lasts while an orphaned worker
+    finishes its step. Local folders only (flock over NFS is not reliable)."""
+
+    def __init__(self, runs_dir: Path):
+        self.folder = runs_dir / ".claims"
+        self.held: dict[str, int] = {}  # variant id -> descriptor holding its lock
+
+    def take(self, variant_id: str) -> bool:
+        """Claim the variant for this process; False when another process holds it."""
+        import fcntl
+
+        if variant_id in self.held:
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / variant_id, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:  # who holds it, for the other runner's message; the lock itself needs no space
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
+        self.held[variant_id] = fd
+        return True
+
+    def holder(self, variant_id: str) -> str:
+        """Who holds a claim, as written by its holder (for "waiting for ..." messages)."""
+        try:
+            return (self.folder / variant_id).read_text().strip() or "another runner"
+        except OSError:
+            return "another runner"
+
+    def fd(self, variant_id: str) -> int:
+        return self.held[variant_id]
+
+    def release(self, variant_id: str) -> None:
+        fd = self.held.pop(variant_id, None)
+        if fd is not None:
+            os.close(fd)  # the lock goes with the last descriptor (the worker's copy is closed when it exits)
 
 
 def alive(pid: int) -> bool:

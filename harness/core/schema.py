@@ -21,11 +21,14 @@ LORA_PRESETS = ("qv", "qkvo", "all-linear", "all-linear-last-half")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# numpy and torch seed their generators with an unsigned 32-bit value; anything else fails at run time.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Strict(BaseModel):
-    # Unknown keys fail loudly; "8" is not silently an int.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Unknown keys fail loudly; "8" and `true` are not silently the int 8 and 1 (strict), while an int is a
+    # valid float (`alpha: 16`). inf/nan are refused: a learning rate of .inf trains nothing but NaNs.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -37,10 +40,11 @@ class DataSpec(_Strict):
     chosen side, or on prompt/completion or messages files."""
     size: PositiveInt | None = None
     """Use the first `size` rows of one seeded shuffle, so sizes are nested: 4 ⊂ 12 ⊂ 48. None = all."""
-    shuffle_seed: int = 0
+    shuffle_seed: Seed = 0
     """Seed of that shuffle. Separate from `seed` so varying the training seed keeps the data fixed."""
     max_length: PositiveInt = 512
-    """Token budget for prompt + completion; longer pairs are truncated (counted in the data audit)."""
+    """Token budget for prompt + completion; longer pairs are truncated (counted in the data audit). `run`
+    and `validate --deep` refuse a budget that leaves no row of the training or evaluation data usable."""
     eval: str = "builtin"
     """The grid's evaluation pairs ("eval_data"): `builtin` (32 held-out pairs) or a preference file path
     like `train`. Margins are measured on every row of it, before and after training."""
@@ -77,7 +81,8 @@ class LoraSpec(_Strict):
     """LoRA adapter shape (methods `lora_sft`, `dpo_lora`)."""
 
     rank: PositiveInt = 8
-    """Adapter rank r. Higher: more capacity and memory."""
+    """Adapter rank r. Higher: more capacity and memory. At most the smallest dimension of the targeted
+    modules (a higher rank adds parameters, not capacity); `run` and `validate --deep` check it."""
     alpha: PositiveFloat = 16
     """Scaling numerator; the update is scaled by alpha / rank."""
     dropout: Fraction = 0.0
@@ -128,8 +133,8 @@ class VariantSpec(_Strict):
     partial_ft, dpo_lora (DPO through a LoRA adapter)."""
     base_model: str = "smollm2-135m-instruct"
     """smollm2-135m-instruct, tiny-random-llama, a local HF model folder, or a hub id (needs network)."""
-    seed: int = 0
-    """Training seed (initialisation of adapters, data order)."""
+    seed: Seed = 0
+    """Training seed (initialisation of adapters, data order), 0 to 2**32 - 1."""
     from_: str | None = Field(default=None, alias="from")
     """Name of an sft/lora_sft/partial_ft variant of this grid to start from. That stage trains once;
     its model becomes both the starting point and the DPO reference."""

@@ -11,6 +11,7 @@ Default store: sqlite:///results/mlflow.db (MLFLOW_TRACKING_URI wins). MLflow is
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,8 +27,10 @@ T = TypeVar("T")
 # A key is secret when one of its words is one of these ("hub_token" yes, "probe_tokens" no).
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "auth", "credential", "credentials"}
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]+:)[^@/\s]+@")
-# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids.
-_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
+# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids. The `sk-` and `gh?_`
+# prefixes are distinctive enough to match short keys too (a truncated or test key pasted into a name is
+# still a key); `hf_` needs a token's length, because `hf_cache`-like words are ordinary names.
+_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{4,}|gh[pousr]_[A-Za-z0-9]{4,}|AKIA[0-9A-Z]{16})\b")
 
 
 _SECRET_ENV_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
@@ -69,6 +72,18 @@ def default_tracking_uri(results_dir: Path) -> str:
         return uri
     results_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, however it arrives: an OSError from a file write, or sqlite's "database or disk is full"
+    wrapped by SQLAlchemy and MLflow."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or says_disk_full(str(e))
+
+
+def says_disk_full(text: str) -> bool:
+    """Whether a message or log tail reports a full disk."""
+    text = text.lower()
+    return "database or disk is full" in text or "no space left on device" in text
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
