@@ -160,7 +160,6 @@ def faulty(tmp_path_factory):
         - {name: oom, method: sft}
         - {name: after_oom, method: partial_ft}
         - {name: messy, method: dpo_lora, data: {train: mixed.jsonl, size: null}}
-        - {name: unusable, method: dpo_lora, data: {train: hopeless.jsonl, size: null}}
     """)
     results = folder / "results"
     os.environ["HARNESS_FAULT"] = "raise:raises:2,nan:nan:2,oom:oom:1"
@@ -176,7 +175,7 @@ def test_exception_fails_only_its_variant(faulty):
     assert faulty["rc"] == 1
     status = {n: r.info.status for n, r in faulty["runs"].items()}
     assert status == {"ok": "FINISHED", "raises": "FAILED", "nan": "FAILED", "oom": "FAILED",
-                      "after_oom": "FINISHED", "messy": "FINISHED", "unusable": "FAILED"}
+                      "after_oom": "FINISHED", "messy": "FINISHED"}
     run = faulty["runs"]["raises"]
     assert "RuntimeError: injected failure at step 2" in run.data.tags["harness.failure_reason"]
     client = client_for(faulty["results"])
@@ -197,12 +196,16 @@ def test_oom_fails_with_reason_and_next_variant_runs(faulty):
     assert faulty["runs"]["after_oom"].info.status == "FINISHED"  # a fresh process, unaffected
 
 
-def test_data_audit_counts_and_unusable_data(faulty):
+def test_data_audit_counts_and_unusable_data(faulty, capsys):
     messy = faulty["runs"]["messy"].data.metrics
     assert messy["data/rows"] == 10 and messy["data/duplicated"] == 4  # two rows appear twice
     assert messy["data/fully_truncated"] == 2 and messy["data/usable"] == 8
-    reason = faulty["runs"]["unusable"].data.tags["harness.failure_reason"]
-    assert "hopeless.jsonl" in reason and "no usable rows" in reason and "4 fully truncated" in reason
+    # data whose every row the prompt alone truncates away is refused before anything trains (pre-flight)
+    grid = make_grid(faulty["folder"], "hopeless", "- {name: unusable, method: dpo_lora, "
+                     "data: {train: hopeless.jsonl, size: null}}\n")
+    assert main(["run", str(grid), "--results", str(faulty["folder"] / "hopeless-results")]) == 2
+    err = capsys.readouterr().err
+    assert "hopeless.jsonl" in err and "the prompt alone fills it for every selected training row" in err
 
 
 # 6 ------------------------------------------------------------------------------------------------
