@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -107,6 +108,7 @@ def _params_figure(table: pd.DataFrame, objectives, params: list[str], log: set[
                             xytext=(3, 3), textcoords="offset points")
             if p in log:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
             ax.tick_params(axis="x", labelrotation=30)
             ax.set_xlabel(p)
             ax.set_ylabel(metric if j == 0 else "")
@@ -255,7 +257,7 @@ def build(target: str, results_dir: Path) -> Path:
         values = [fmt(r.get(f"value_{i}")) if pd.notna(r.get(f"value_{i}")) else "" for i in range(len(objectives))]
         note = "answered from the store" if r["reused"] else ("interrupted" if r["interrupted"] else "")
         if r["state"] == "PRUNED" and r["pruned_at"] is not None:
-            note = f"pruned at step {int(r['pruned_at'])}"
+            note = f"pruned at step {int(r['pruned_at'])} (its value there)"
         rows.append([str(r["trial"]), r["state"], *values, *[_num(r.get(f"param:{p}")) for p in params], note])
     lines += report._table(["trial", "state", *[m for m, _ in objectives], *params, "note"], rows) + [""]  # noqa: SLF001
 

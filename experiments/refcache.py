@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,11 @@ def file_digest(path: Path, memo_dir: Path | None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(memo, digest.encode())
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(memo, digest.encode())
+        except OSError:  # only a memo: hashing again next time is the cost
+            pass
     return digest
 
 
@@ -115,17 +119,25 @@ class ReferenceCache:
         return {**meta["values"], **{"tensors": tensors}}
 
     def put(self, part: str, key: str, values: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Store an entry. Best effort: the cache only saves time, so a write that fails (a full disk, a
+        read-only folder) leaves no entry and never fails the variant."""
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if tensors:
-            from safetensors.torch import save
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if tensors:
+                from safetensors.torch import save
 
-            _atomic_write(self.folder / f"{key}.safetensors",
-                          save({k: v.contiguous() for k, v in tensors.items()}))
-        # the JSON goes last: its presence is what makes the entry visible
-        _atomic_write(self.folder / f"{key}.json",
-                      json.dumps({"part": part, "values": values, "tensors": bool(tensors)}).encode())
+                _atomic_write(self.folder / f"{key}.safetensors",
+                              save({k: v.contiguous() for k, v in tensors.items()}))
+            # the JSON goes last: its presence is what makes the entry visible
+            _atomic_write(self.folder / f"{key}.json",
+                          json.dumps({"part": part, "values": values, "tensors": bool(tensors)}).encode())
+        except OSError as e:
+            print(f"reference cache: not stored ({e.strerror or e}); the next variant measures it again",
+                  file=sys.stderr)
+            for suffix in (".safetensors", ".json"):
+                (self.folder / f"{key}{suffix}").unlink(missing_ok=True)
 
 
 def _version(name: str) -> str:

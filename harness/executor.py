@@ -17,6 +17,7 @@ trial's variant at a time. Within a session:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -329,6 +330,7 @@ class Session:
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         if status != "FINISHED" and says_disk_full(text[-5000:]):  # the worker's own writes hit ENOSPC
             reason = f"disk full: no space left in {act.out_dir} ({reason})"
+            self._disk_full_seen(OSError(errno.ENOSPC, "a worker found no space for its outputs"))  # stop here
         # What follows writes. Small store writes first, the run's end among them, then the log file: on a
         # nearly full disk the status is what must fit.
         try:

@@ -561,7 +561,7 @@ def export_grid(study, spec: SearchSpec, path: Path) -> Path:
            "description": f"best trial(s) of search {spec.name}: "
                           + ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives),
            "defaults": spec.raw.defaults, "variants": variants}
-    header = (f"# Exported by `python -m harness search {spec.raw.path} --export {path.name}` from study {spec.name}.\n"
+    header = (f"# Exported by `python -m harness search {spec.raw.path} --export {path}` from study {spec.name}.\n"
               f"#   python -m harness run {path}\n")
     grid_dir = spec.raw.dir
     doc = _relocate_paths(doc, grid_dir, path.parent.resolve())
