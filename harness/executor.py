@@ -75,7 +75,10 @@ def _read_events(act: Active) -> None:
     for line in act.proc.stdout:
         if line.startswith(PREFIX):
             try:
-                act.state.update(json.loads(line[len(PREFIX):]))
+                event = json.loads(line[len(PREFIX):])
+                act.state.update(event)
+                if "intermediate" in event:  # every point is kept: a watcher polling slower must not miss one
+                    act.state.setdefault("intermediates", []).append(event["intermediate"])
                 continue
             except json.JSONDecodeError:
                 pass

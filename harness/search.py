@@ -426,18 +426,20 @@ class Search:
         return variant
 
     def _watch(self, act: Active) -> str | None:
+        """Report each new intermediate held-out shift to the trial, in step order; a reason to stop if pruned."""
         waiting = self.running.get(act.variant.id)
-        point = act.state.get("intermediate")
-        if not waiting or not point or self.spec.pruner == "none":
+        if not waiting or self.spec.pruner == "none":
             return None
-        run, step = waiting[0], int(point["step"])
-        if step in run.reported:
-            return None
-        run.reported.add(step)
-        value = point[INTERMEDIATE]
-        run.trial.report(value, step)
-        if run.trial.should_prune():
-            return f"pruned by the {self.spec.pruner} pruner at step {step} (held-out margin shift {value:+.3g})"
+        run = waiting[0]
+        for point in list(act.state.get("intermediates", [])):
+            step = int(point["step"])
+            if step in run.reported:
+                continue
+            run.reported.add(step)
+            value = point[INTERMEDIATE]
+            run.trial.report(value, step)
+            if run.trial.should_prune():
+                return f"pruned by the {self.spec.pruner} pruner at step {step} (held-out margin shift {value:+.3g})"
         return None
 
     def _done(self, outcome: Outcome) -> None:
