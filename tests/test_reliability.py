@@ -227,6 +227,18 @@ def test_damaged_store_and_unwritable_results_are_refused_and_left_intact(tmp_pa
         assert "is not a writable folder" in capsys.readouterr().err
 
 
+def two_variant_grid(folder: Path, name: str) -> Path:
+    """A lora_sft and a dpo_lora variant measured on 4 held-out pairs (fast), for the multi-runner tests."""
+    eval_rows = (ROOT / "experiments/data/builtin/eval.jsonl").read_text().splitlines()[:4]
+    (folder / "eval4.jsonl").write_text("\n".join(eval_rows) + "\n")
+    grid = make_grid(folder, name, """
+        - {name: a, method: lora_sft}
+        - {name: b, method: dpo_lora}
+    """)
+    grid.write_text(grid.read_text().replace("max_length: 128}", "max_length: 128, eval: eval4.jsonl}"))
+    return grid
+
+
 # 1 ------------------------------------------------------------------------------------------------
 
 
@@ -234,13 +246,7 @@ def test_two_runners_on_one_store_train_each_variant_once(tmp_path):
     """Two `harness run` of one grid at once on one results folder used to train the same variant twice in
     the same runs/<id>/ (one deleting the other's folder, the logs crossed). Now a variant is claimed before
     it trains: the other runner trains something else or waits, then answers it from the store."""
-    eval_rows = (ROOT / "experiments/data/builtin/eval.jsonl").read_text().splitlines()[:4]
-    (tmp_path / "eval4.jsonl").write_text("\n".join(eval_rows) + "\n")
-    grid = make_grid(tmp_path, "two", """
-        - {name: a, method: lora_sft}
-        - {name: b, method: dpo_lora}
-    """)
-    grid.write_text(grid.read_text().replace("max_length: 128}", "max_length: 128, eval: eval4.jsonl}"))
+    grid = two_variant_grid(tmp_path, "two")
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -466,13 +472,7 @@ def test_full_disk_is_said_clearly_and_leaves_nothing_running_that_could_be_mark
 
     if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
         pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) to mount a small tmpfs")
-    eval_rows = (ROOT / "experiments/data/builtin/eval.jsonl").read_text().splitlines()[:4]
-    (tmp_path / "eval4.jsonl").write_text("\n".join(eval_rows) + "\n")
-    grid = make_grid(tmp_path, "full", """
-        - {name: a, method: lora_sft}
-        - {name: b, method: dpo_lora}
-    """)
-    grid.write_text(grid.read_text().replace("max_length: 128}", "max_length: 128, eval: eval4.jsonl}"))
+    grid = two_variant_grid(tmp_path, "full")
     mnt, kept = tmp_path / "mnt", tmp_path / "kept"
     mnt.mkdir()
     script = (f"mount -t tmpfs -o size=1100k tmpfs {mnt} && "
