@@ -117,10 +117,30 @@ def _preflight_variants(path, variants) -> list[str]:
     return errors
 
 
+def _bad_worker_environment(command: str) -> bool:
+    """The environment variables that shape worker processes, checked before anything starts."""
+    from harness import spawn
+    from harness.worker import THREADS_ENV
+
+    problems = []
+    try:
+        spawn.mode()
+    except ValueError as e:
+        problems.append(str(e))
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads and not (threads.isdigit() and int(threads) >= 1):
+        problems.append(f"{THREADS_ENV}={threads!r}: expected a whole number of torch threads per worker, 1 or more")
+    for problem in problems:
+        print(f"{command}: {problem} (nothing was run)", file=sys.stderr)
+    return bool(problems)
+
+
 def cmd_run(args) -> int:
     if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
         print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
               f"(leave it out for one per GPU, else 1)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if _bad_worker_environment("run"):
         return EXIT_BAD_INPUT
     grid = _load(args.grid)
     if grid is None:
@@ -191,6 +211,8 @@ def cmd_search(args) -> int:
 
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         print("search: --workers and --trials take a positive integer", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if _bad_worker_environment("search"):
         return EXIT_BAD_INPUT
     try:
         spec = load_search(args.file)

@@ -12,7 +12,8 @@ trial's variant at a time. Within a session:
 - RUNNING runs left by an executor that died on this host are marked FAILED (tagged recovered).
 - A variant that fails ends FAILED with its reason and traceback; the rest go on. Children of a
   failed stage are not run. Ctrl-C / SIGTERM end the running variants as KILLED.
-- One variant per GPU when there are several; one at a time otherwise (`jobs` for more).
+- One variant per GPU when there are several; one at a time otherwise (`jobs` for more, the CPU's cores split
+  between them). Workers are forked from a warm server that imported torch & co once (harness.spawn).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import TextIO
 
 import yaml
 
+from harness import spawn
 from harness.core import provenance
 from harness.core import runs as R
 from harness.core.tracking import MlflowTracker, default_tracking_uri, is_disk_full, redact, says_disk_full
@@ -59,7 +61,7 @@ class Outcome:
 class Active:
     variant: Variant
     index: int
-    proc: subprocess.Popen
+    proc: spawn.Worker
     run_id: str
     out_dir: Path
     slot: int
@@ -109,6 +111,15 @@ def _slots(jobs: int | None) -> list[str | None]:
     return [None] * (jobs or 1)
 
 
+def _threads_per_slot(slots: list[str | None]) -> int | None:
+    """Torch threads for each of several variants sharing the CPU: the cores split between the slots (None:
+    one slot, or GPUs, keep torch's own default)."""
+    if len(slots) < 2 or slots[0] is not None:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // len(slots))
+
+
 class Session:
     """One invocation against the store: an experiment, a parent run, and the variants run under it.
 
@@ -144,6 +155,7 @@ class Session:
         self.reuse_parent = reuse_parent  # continue this parent run (a resumed search) instead of a new one
         self.child_tags: dict[str, dict] = {}  # variant id -> extra tags for its run (a search's trial number)
         self._slots = _slots(jobs)
+        self._threads = _threads_per_slot(self._slots)
         self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once
         self._waiting: set[str] = set()  # variants another runner is training (said once each)
         self._opened_ms = 0
@@ -297,9 +309,13 @@ class Session:
             env["CUDA_VISIBLE_DEVICES"] = device
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log = (out_dir / "worker.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], stdout=subprocess.PIPE,
-                                stderr=log, env=env, text=True, bufsize=1, start_new_session=True,
-                                pass_fds=(self.claims.fd(v.id),))  # the claim lives as long as the worker
+        if self._threads and spawn.THREADS_ENV not in os.environ:
+            env[spawn.THREADS_ENV] = str(self._threads)
+        try:
+            proc = spawn.start(job_path, env=env, log=log, keep_fds=(self.claims.fd(v.id),))  # claim: while it runs
+        except BaseException:
+            log.close()
+            raise
         act = Active(variant=v, index=index, proc=proc, run_id=run_id, out_dir=out_dir, slot=slot, log=log)
         act.reader = threading.Thread(target=_read_events, args=(act,), daemon=True)
         act.reader.start()
@@ -573,7 +589,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+def _stop(proc: spawn.Worker, grace: float = 30.0) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGINT)

@@ -1,4 +1,4 @@
-"""One variant in its own process: the executor starts `python -m harness.worker JOB.json`.
+"""One variant in its own process (started by harness.spawn): `python -m harness.worker JOB.json`.
 
 The job file names the variant, its method's registry record (so a method registered at run time, by a
 plugin or a test, trains here too), the MLflow run to log into and the output folder. Progress events go
@@ -18,6 +18,7 @@ from pathlib import Path
 PREFIX = "@@harness "
 # The store's URI reaches the worker in its environment, never in the job file (it may hold a password).
 TRACKING_URI_ENV = "HARNESS_TRACKING_URI"
+THREADS_ENV = "HARNESS_THREADS"  # torch threads for this worker (set by the executor when variants share the CPU)
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -31,7 +32,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], start: str = "exec") -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     job = json.loads(Path(argv[0]).read_text())
@@ -56,14 +57,17 @@ def main(argv: list[str]) -> int:
         _emit(**event)
 
     try:
+        import torch
+
         from experiments import common
 
+        if os.environ.get(THREADS_ENV):  # several variants share the CPU: each its share of the cores
+            torch.set_num_threads(int(os.environ[THREADS_ENV]))
         device = job.get("device") or common.pick_device()
         precision = common.resolve_precision(variant.spec.train.precision, device)
-        tags = {R.TAG_DEVICE: device, R.TAG_PRECISION: precision}
+        tags = {R.TAG_DEVICE: device, R.TAG_PRECISION: precision, R.TAG_THREADS: torch.get_num_threads(),
+                R.TAG_WORKER_START: start}
         if device == "cuda":
-            import torch
-
             tags[R.TAG_GPU] = torch.cuda.get_device_name()
         tracker.set_tags(tags)
         emit(event="setup", device=device, precision=precision)

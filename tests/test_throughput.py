@@ -15,6 +15,7 @@ from experiments import data as D
 from experiments import evaluate as E
 from experiments import models as M
 from experiments import refcache
+from harness import spawn
 from harness.cli import main
 
 GRID = """
@@ -31,13 +32,15 @@ variants:
 """
 
 
-def _run(folder: Path, cache: str) -> dict[str, object]:
+def _run(folder: Path, cache: str, *flags: str, env: dict[str, str] | None = None) -> dict[str, object]:
     folder.mkdir()
     shutil.copy(D.BUILTIN_DIR / "eval.jsonl", folder / "eval.jsonl")
     (folder / "grid.yaml").write_text(GRID)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(refcache.ENV_SWITCH, cache)
-        assert main(["run", str(folder / "grid.yaml"), "--results", str(folder / "results")]) == 0
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        assert main(["run", str(folder / "grid.yaml"), "--results", str(folder / "results"), *flags]) == 0
     client = MlflowClient(f"sqlite:///{folder / 'results' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sweep")
     runs = client.search_runs([exp.experiment_id], "tags.`harness.kind` = 'variant'")
@@ -47,7 +50,11 @@ def _run(folder: Path, cache: str) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
-    return {"on": _run(root / "on", "on"), "off": _run(root / "off", "off")}
+    return {"on": _run(root / "on", "on"), "off": _run(root / "off", "off"),
+            # one at a time, each worker a fresh interpreter on one thread ...
+            "exec": _run(root / "exec", "on", env={spawn.START_ENV: "exec", "HARNESS_THREADS": "1"}),
+            # ... and two at once, forked from the warm server, the two cores split between them
+            "jobs2": _run(root / "jobs2", "on", "--jobs", "2")}
 
 
 def test_reference_is_measured_once_per_content(sweeps):
@@ -118,3 +125,44 @@ def test_a_changed_byte_is_a_new_key(tmp_path):
     (weights / "model.safetensors").write_bytes(b"1" * 64)
     assert refcache.weights_identity(weights, "", tmp_path / "memo") != a
     assert len(json.loads(json.dumps(sorted(p.name for p in folder.iterdir())))) >= 4  # entries on disk
+
+
+def _values(client, run) -> dict[str, list[float]]:
+    """Every logged series of a run, except wall times and cache bookkeeping (which differ by design)."""
+    out = {}
+    for key in run.data.metrics:
+        if key.startswith("cache/") or key.endswith("seconds") or "runtime" in key or "per_second" in key:
+            continue
+        out[key] = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+    return out
+
+
+def test_two_variants_at_once_from_the_warm_server_train_exactly_as_one_at_a_time(sweeps):
+    """--jobs 2 with forked workers gives each worker half the cores and changes no number: bit for bit what
+    fresh interpreters on one thread, one variant after the other, log."""
+    for name in ("b1", "b5"):
+        (c_exec, r_exec), (c_jobs, r_jobs) = sweeps["exec"][name], sweeps["jobs2"][name]
+        assert r_exec.data.tags["harness.worker_start"] == "exec"
+        assert r_jobs.data.tags["harness.worker_start"] == "fork"
+        assert r_exec.data.tags["harness.threads"] == r_jobs.data.tags["harness.threads"] == "1"
+        a, b = _values(c_exec, r_exec), _values(c_jobs, r_jobs)
+        assert set(a) == set(b) and len(a) > 30
+        assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    # the two really ran at once: each started before the other ended
+    (_, r1), (_, r5) = sweeps["jobs2"]["b1"], sweeps["jobs2"]["b5"]
+    assert r1.info.start_time < r5.info.end_time and r5.info.start_time < r1.info.end_time
+    # one at a time, a forked worker keeps torch's own thread count (the machine's cores)
+    (_, on) = sweeps["on"]["b1"]
+    assert on.data.tags["harness.worker_start"] == "fork" and on.data.tags["harness.threads"] == str(
+        torch.get_num_threads())
+
+
+@pytest.mark.parametrize("key, value, said", [(spawn.START_ENV, "threads", "expected one of fork, exec"),
+                                               ("HARNESS_THREADS", "0", "1 or more")])
+def test_a_bad_worker_setting_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys, key, value, said):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    monkeypatch.setenv(key, value)
+    assert main(["run", str(tmp_path / "grid.yaml"), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}={value!r}" in err and said in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
