@@ -4,6 +4,8 @@
     HARNESS_FAULT="oom:<name>:<step>"   torch.OutOfMemoryError is raised at that step
     HARNESS_FAULT="raise:<name>:<step>" RuntimeError is raised at that step
     HARNESS_FAULT="sleep:<name>:<step>" each step from then on sleeps 1 s (to kill a run mid-variant)
+    HARNESS_FAULT="linger:<name>:<step>" the same, and an interrupt during that sleep takes 3 s more to stop
+                                         (a worker slow to shut down, as one saving a large model is)
 
 <name> is matched against the variant's `name`; several faults are separated by commas. Unset in normal
 use; the tests set it for one invocation.
@@ -36,6 +38,12 @@ def maybe_inject(ctx, model, step: int) -> None:
     kind, at = fault
     if kind == "sleep":
         time.sleep(1.0)
+    elif kind == "linger":
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            time.sleep(3.0)
+            raise
     elif step != at:
         return
     elif kind == "raise":

@@ -6,7 +6,8 @@ Two workloads, each run both ways with matched settings (DPO through LoRA r=4, a
 gradient checkpointing off, the same rows of the built-in data, seed 0):
 
   single  one variant, 12 pairs x 2 epochs (12 optimiser steps), whole process
-  sweep   a beta sweep of 3 variants (0.05, 0.1, 0.5), 4 pairs x 1 epoch (2 steps each)
+  sweep   a beta sweep of 3 variants (0.05, 0.1, 0.5), 4 pairs x 1 epoch (2 steps each); the harness side
+          also once more with --jobs 2 (two variants at once, each on half the cores)
 
 "plain" is a generated TRL script per variant (load, train, exit), run one after another; "harness" is
 `python -m harness run` on the equivalent grid in a fresh results folder (so the reference cache starts cold),
@@ -72,8 +73,9 @@ variants:
 {variants}
 """
 
-WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1]},
-             "sweep": {"size": 4, "epochs": 1, "betas": [0.05, 0.1, 0.5]}}
+WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1], "jobs": [1]},
+             # the sweep also runs with two variants at once (the cores split between them)
+             "sweep": {"size": 4, "epochs": 1, "betas": [0.05, 0.1, 0.5], "jobs": [1, 2]}}
 
 
 def _plain(model_dir: Path, workload: dict, work: Path) -> dict:
@@ -98,15 +100,15 @@ def _plain(model_dir: Path, workload: dict, work: Path) -> dict:
     return {"wall_seconds": time.monotonic() - t0, "variants": runs}
 
 
-def _harness(model: str, workload: dict, work: Path, name: str) -> dict:
+def _harness(model: str, workload: dict, work: Path, name: str, jobs: int = 1) -> dict:
     variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
     grid = work / f"{name}.yaml"
     grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
                                 variants=variants))
-    results = work / f"results-{name}"
+    results = work / f"results-{name}-jobs{jobs}"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
+                           "--jobs", str(jobs)], capture_output=True, text=True)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"harness run failed:\n{proc.stderr[-3000:]}")
@@ -166,16 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: plain TRL ...", file=sys.stderr, flush=True)
             plain = _plain(model_dir, w, work)
-            print(f"{name}: harness ...", file=sys.stderr, flush=True)
-            harness = _harness(args.model, w, work, f"bench_{name}")
-            report["workloads"][name] = {
-                "description": f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)",
-                "plain": plain, "harness": harness, "ratio": harness["wall_seconds"] / plain["wall_seconds"],
-                "train_speed_ratio": (sum(v["train_seconds"] for v in plain["variants"])
-                                      / sum(v["train_seconds"] for v in harness["variants"])),
-                "measure_share_of_train": (sum(v["measure_seconds"] for v in harness["variants"])
-                                           / sum(v["train_seconds"] for v in harness["variants"]))}
-            print(textwrap.indent(json.dumps(report["workloads"][name], indent=1), "  "), file=sys.stderr)
+            for jobs in w["jobs"]:
+                key = name if jobs == 1 else f"{name}_jobs{jobs}"
+                print(f"{key}: harness ...", file=sys.stderr, flush=True)
+                harness = _harness(args.model, w, work, f"bench_{name}", jobs)
+                report["workloads"][key] = {
+                    "description": f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
+                                   + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
+                                      if jobs > 1 else ""),
+                    "jobs": jobs, "plain": plain, "harness": harness,
+                    "ratio": harness["wall_seconds"] / plain["wall_seconds"],
+                    "train_speed_ratio": (sum(v["train_seconds"] for v in plain["variants"])
+                                          / sum(v["train_seconds"] for v in harness["variants"])),
+                    "measure_share_of_train": (sum(v["measure_seconds"] for v in harness["variants"])
+                                               / sum(v["train_seconds"] for v in harness["variants"]))}
+                print(textwrap.indent(json.dumps(report["workloads"][key], indent=1), "  "), file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -235,8 +235,11 @@ class Session:
                         else "every run was marked")
                 print(f"{self.disk_full}; {left}", file=self.stream, flush=True)
         finally:
+            # After an interrupt everything is recorded and the process is on its way out: a further Ctrl-C
+            # there (people press it several times) must not turn exit code 130 into a traceback. A caller
+            # that carries on after an interrupted session installs its own handlers again.
             for signum, handler in self._unshielded.items():
-                signal.signal(signum, handler)
+                signal.signal(signum, signal.SIG_IGN if self.interrupted else handler)
             self._unshielded = {}
 
     # -------------------------------------------------------- one variant's process
@@ -285,9 +288,10 @@ class Session:
         run_id = self._start_child(v)
         try:
             return self._start_worker(v, run_id, index, slot, is_stage)
-        except Exception:  # e.g. no space for the job file: the run must not stay RUNNING
+        except BaseException as e:  # e.g. no space for the job file: the run must not stay RUNNING
             self.claims.release(v.id)
-            self._try_end(run_id, "FAILED")
+            interrupted = isinstance(e, KeyboardInterrupt)  # Ctrl-C while the worker was being started
+            self._try_end(run_id, "KILLED" if interrupted else "FAILED")
             raise
 
     def _start_worker(self, v: Variant, run_id: str, index: int, slot: int, is_stage: bool) -> Active:
@@ -450,6 +454,8 @@ class Session:
                   f"{len(pending)} to run — tracking {self.store.uri_for_display()} "
                   f"(experiment {self.experiment_name!r})", file=out, flush=True)
 
+        if pending or next_variant is not None:
+            spawn.warm_up()  # the workers' server imports torch & co while the first variant's run is created
         free = list(range(len(self._slots)))
         active: dict[str, Active] = {}
         progress = Progress(total or counter[0], out)

@@ -90,15 +90,29 @@ def _server():
     return _context
 
 
+def warm_up() -> None:
+    """Start the server now (it imports in the background) when workers will be forked from it."""
+    if mode() == "fork":
+        _server()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 class _Forked:
     def __init__(self, job_path: Path, env: dict[str, str], log: IO, keep_fds: tuple[int, ...]):
         read, write = os.pipe()
+        self._process = _server().Process(
+            target=_worker_main, name=f"harness.worker {Path(job_path).parent.name}", daemon=False,
+            args=(str(job_path), env, _Fd(write), _Fd(log.fileno()), tuple(_Fd(fd) for fd in keep_fds)))
         try:
-            self._process = _server().Process(
-                target=_worker_main, name=f"harness.worker {Path(job_path).parent.name}", daemon=False,
-                args=(str(job_path), env, _Fd(write), _Fd(log.fileno()), tuple(_Fd(fd) for fd in keep_fds)))
-            self._process.start()
+            self._process.start()  # waits for the server to finish importing, the first time
         except BaseException:
+            # Interrupted (Ctrl-C) while starting: a worker the server may already have forked must not train
+            # into a run the executor is about to mark KILLED. Kill it if its pid arrived; either way its event
+            # pipe closes here, so its first event (sent before any training) ends it.
+            if self._process.pid is not None:
+                os.kill(self._process.pid, signal.SIGKILL)
             os.close(read)
             raise
         finally:

@@ -289,8 +289,8 @@ def test_repeated_ctrl_c_ends_killed_not_running(tmp_path):
     grid = make_grid(tmp_path, "twice", "- {name: slow, method: lora_sft, train: {max_steps: 40}}\n")
     results = tmp_path / "results"
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)],
-                            cwd=ROOT, env={**os.environ, "HARNESS_FAULT": "sleep:slow:1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env={**os.environ, "HARNESS_FAULT": "linger:slow:1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # the worker takes 3 s to stop
     deadline = time.monotonic() + 300
     while _steps_logged(results, "twice") < 1:
         assert time.monotonic() < deadline and proc.poll() is None, "the variant never started training"
@@ -306,6 +306,30 @@ def test_repeated_ctrl_c_ends_killed_not_running(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert sorted((r.data.tags["harness.kind"], r.info.status) for r in runs) == [("grid", "KILLED"),
                                                                                  ("variant", "KILLED")]
+
+
+def test_ctrl_c_while_the_worker_starts_ends_killed_and_nothing_trains(tmp_path):
+    """The first worker of a run is forked from a server that is still importing torch & co: a Ctrl-C in that
+    window used to leave the variant's run RUNNING, and a worker forked meanwhile would have trained into it."""
+    import signal
+    import time
+
+    grid = make_grid(tmp_path, "early", "- {name: early, method: lora_sft, train: {max_steps: 3}}\n")
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(results.glob("runs/*/job.json")):  # written just before the worker is asked for
+        assert time.monotonic() < deadline and proc.poll() is None, "the variant never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    time.sleep(15)  # long enough for the server to finish importing and an orphan worker to get going
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    (run,) = variant_runs(results, "early")
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_metric_history(run.info.run_id, "train/loss") == []
 
 
 # 4 ------------------------------------------------------------------------------------------------
