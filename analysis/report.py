@@ -441,7 +441,8 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
             n = m.get("eval/pairs")
             rows.append([g.label, str(g.get("method")), f"{_n(g.get('data.size')) if g.get('data.size') else 'all'} × "
                          f"{_n(g.get('train.epochs'))} ({_n(m.get('train/global_step'))} steps)", fmt_ci(g.est),
-                         g.est.verdict() + _test_note(g.est, short=True), f"{_count(m.get('eval/accuracy_before'), n)} → "
+                         g.est.verdict() + _test_note(g.est, short=True),
+                         f"{_count(m.get('eval/accuracy_before'), n)} → "
                          f"{_count(m.get('eval/accuracy_after'), n)}",
                          f"{fmt(m.get('eval/chosen_shift_mean'))} / {fmt(m.get('eval/rejected_shift_mean'))}",
                          fmt(m.get("drift/kl_mean"), signed=False), fmt(m.get("drift/ppl_change")),
@@ -501,7 +502,8 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
     # comparisons
     if comparisons:
         lines += ["## Comparisons", "",
-                  "Differences are (second − first) in held-out margin shift, paired on the same evaluation pairs.", ""]
+                  "Differences are (second − first) in held-out margin shift, paired on the same evaluation pairs"
+                  + (" and seeds" if any(c.est.seeds > 1 for c in comparisons) else "") + ".", ""]
         lines += comparison_sections(comparisons)
     elif len(measured) > 1:
         lines += ["## Comparisons", "", "No two variants share evaluation pairs, so none are compared.", ""]
@@ -739,14 +741,14 @@ def multiplicity_section(groups: list[Group], comparisons: list[Comparison]) -> 
         return []
     lines = ["## Tests and their adjustment", "",
              f"This report makes {m} tests: {_plural(len(groups), 'variant')}' held-out shifts against zero and "
-             f"{_plural(len(comparisons), 'comparison')} between variants. Verdicts use **Holm**'s step-down adjustment "
-             f"(the chance of any false call among the {m} stays at 5%); **Benjamini–Hochberg** q-values (the "
-             f"expected share of false calls stays at 5%) are shown beside them. The simultaneous intervals are "
-             f"Bonferroni's, at level 1 − 0.05/{m} = {1 - stats.ALPHA / m:.4g}: they hold for all {m} at once and are "
-             f"wider than Holm needs, so a Holm verdict can say 'above zero' while its simultaneous interval touches "
-             f"zero. d is the effect size: the mean over the standard deviation of single measurements (one seed on one "
-             f"pair; for a comparison, of the paired differences), about 0.2 small, 0.5 medium, 0.8 large by Cohen's "
-             f"rule of thumb.", ""]
+             f"{_plural(len(comparisons), 'comparison')} between variants. Verdicts use **Holm**'s step-down "
+             f"adjustment (the chance of any false call among the {m} stays at 5%); **Benjamini–Hochberg** "
+             f"q-values (the expected share of false calls stays at 5%) are shown beside them. The simultaneous "
+             f"intervals are Bonferroni's, at level 1 − 0.05/{m} = {1 - stats.ALPHA / m:.4g}: they hold for all {m} "
+             f"at once and are wider than Holm needs, so a Holm verdict can say 'above zero' while its simultaneous "
+             f"interval touches zero. d is the effect size: the mean over the standard deviation of single "
+             f"measurements (one seed on one pair; for a comparison, of the paired differences), about 0.2 small, "
+             f"0.5 medium, 0.8 large by Cohen's rule of thumb.", ""]
     rows = []
     items = [(g.label, g.est) for g in groups] + [(f"{c.b.label} − {c.a.label}", c.est) for c in comparisons]
     for label, e in items:
@@ -762,7 +764,8 @@ def multiplicity_section(groups: list[Group], comparisons: list[Comparison]) -> 
     holm_ok = [label for label, e in items if e.significant]
     bh_ok = [label for label, e in items if e.adjusted is not None and e.adjusted.bh < stats.ALPHA]
     lost = [x for x in raw if x not in holm_ok]
-    text = f"Unadjusted, {len(raw)} of the {m} cross 5%; after Holm, {len(holm_ok)}; after Benjamini–Hochberg, {len(bh_ok)}."
+    text = (f"Unadjusted, {len(raw)} of the {m} cross 5%; after Holm, {len(holm_ok)}; after Benjamini–Hochberg, "
+            f"{len(bh_ok)}.")
     if lost:
         text += f" No longer called after adjustment: {', '.join(lost)}."
     extra = [x for x in bh_ok if x not in holm_ok]
@@ -777,8 +780,7 @@ def _halve_text(sp: stats.Spread) -> str:
     """What would halve the standard error (and so, roughly, the detectable shift), one kind at a time."""
     pairs, seeds = stats.to_halve(sp)
     if sp.seeds == 1:
-        return (f"about {pairs} pairs (now {sp.pairs}), if seed noise is small: one seed cannot measure it"
-                if pairs is not None else "n/a")
+        return f"about {pairs} pairs (now {sp.pairs}); seeds: unmeasured" if pairs is not None else "n/a"
     out = []
     if pairs is not None:
         out.append(f"about {pairs} pairs (now {sp.pairs})")

@@ -166,7 +166,8 @@ def test_report_of_single_seed_runs_says_the_seed_noise_is_unmeasured(tmp_path):
     text = report.build(study, tmp_path, target="synthetic").read_text()
     assert "## Seed replicates" not in text and not (tmp_path / "seeds.png").exists()
     assert "One training seed per variant" in text
-    assert "one seed cannot measure it" in text  # the power statement is about pairs only
+    assert "about 128 pairs (now 32); seeds: unmeasured" in text  # the power statement is about pairs only
+    assert "an amount one seed cannot measure" in text
     assert "3 tests" in text  # 2 variants and their comparison
 
 

@@ -3,8 +3,9 @@
 The id is a hash of what defines the run (the fields its method uses, the data files' contents, its stage's
 id), never of its label, so it names MLflow runs and output folders and is the join key for resume and
 analysis. The group id is the same hash without the training seed: the seed replicates of one variant
-(`seeds: 3` in a grid) share it, so the report can pool them while each stays its own run. Grids (`harness.grid`) and searches produce variants; the executor runs them; the training code
-reads them. Nothing here imports torch.
+(`seeds: 3` in a grid) share it, so the report can pool them while each stays its own run. Grids
+(`harness.grid`) and searches produce variants; the executor runs them; the training code reads them.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
