@@ -711,8 +711,9 @@ def seed_section(groups: list[Group]) -> list[str]:
              "held-out pairs, so its shifts form a seeds × pairs table. The pooled interval comes from a two-level "
              f"bootstrap ({stats.N_RESAMPLES:,} draws): resample the seeds, then the pairs (the same pairs for every "
              "seed drawn), take the mean; it is the mean ± t × the draws' standard deviation, t at Satterthwaite's "
-             "degrees of freedom, so that three seeds are not read as the whole population (a plain percentile "
-             "interval would cover about 80% of the time, not 95%). 'Seed share' is the part of the mean's "
+             "degrees of freedom, so that three seeds are not read as the whole population (on simulated 3-seed "
+             "tables with no true shift, a plain percentile interval called one 14–26% of the time where seeds "
+             "matter; this one, under 5%). 'Seed share' is the part of the mean's "
              "variance that training randomness makes up (two-way ANOVA); the rest is the choice of pairs.", ""]
     rows = []
     for g in many:
