@@ -572,7 +572,7 @@ def difference_table(a: Group, b: Group) -> pd.DataFrame | None:
     pairs = a.table.columns.intersection(b.table.columns)
     if len(pairs) == 0:
         return None
-    seeds_a, seeds_b = stats.seed_matched({s: None for s in a.table.index}, {s: None for s in b.table.index})
+    seeds_a, seeds_b = stats.seed_matched(a.table.index, b.table.index)
     diff = b.table.loc[seeds_b, pairs].to_numpy() - a.table.loc[seeds_a, pairs].to_numpy()
     index = [s if sa == s else f"{sa}/{s}" for sa, s in zip(seeds_a, seeds_b, strict=True)]
     return pd.DataFrame(diff, index=index, columns=pairs)

@@ -210,15 +210,15 @@ def effect_size(table) -> float:
     return float(t.mean() / sd) if sd > 0 else math.nan
 
 
-def seed_matched(a: dict, b: dict) -> tuple[list, list]:
-    """Which seeds of two variants to pair, given {seed: per-pair values} for each: the seeds both ran when
-    there are any, else the k smallest of each matched in order (replicates are exchangeable, so any fixed
-    matching is a valid pairing; matching equal seeds also pairs their adapter initialisation)."""
-    common = sorted(set(a) & set(b))
+def seed_matched(seeds_a, seeds_b) -> tuple[list, list]:
+    """Which seeds of two variants to pair: the seeds both ran when there are any, else the k smallest of
+    each matched in order (replicates are exchangeable, so any fixed matching is a valid pairing; equal seeds
+    also share their batch order and, for equal adapter shapes, their initialisation)."""
+    common = sorted(set(seeds_a) & set(seeds_b))
     if common:
         return common, common
-    k = min(len(a), len(b))
-    return sorted(a)[:k], sorted(b)[:k]
+    k = min(len(seeds_a), len(seeds_b))
+    return sorted(seeds_a)[:k], sorted(seeds_b)[:k]
 
 
 # ---------------------------------------------------------------- many tests

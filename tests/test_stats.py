@@ -146,5 +146,5 @@ def test_power_statement_matches_hand_formulas():
 
 
 def test_seed_matching_prefers_equal_seeds():
-    assert S.seed_matched({0: 1, 1: 1, 2: 1}, {1: 1, 2: 1, 5: 1}) == ([1, 2], [1, 2])
-    assert S.seed_matched({0: 1, 1: 1}, {7: 1, 8: 1, 9: 1}) == ([0, 1], [7, 8])
+    assert S.seed_matched([0, 1, 2], [5, 2, 1]) == ([1, 2], [1, 2])
+    assert S.seed_matched([1, 0], [9, 7, 8]) == ([0, 1], [7, 8])
