@@ -147,12 +147,12 @@ def seed_points(points: pd.DataFrame, path: Path) -> Path:
     for label in labels:
         part = points[points["label"] == label]
         seeds = part[part["kind"] == "seed"].reset_index(drop=True)
-        offsets = np.linspace(-0.3, -0.05, len(seeds)) if len(seeds) > 1 else np.array([-0.18])
+        offsets = np.linspace(-0.05, -0.35, len(seeds)) if len(seeds) > 1 else np.array([-0.18])  # first seed on top
         for off, (_, row) in zip(offsets, seeds.iterrows(), strict=True):
             y = y_of[label] + off
             ax.errorbar(row["mean"], y, xerr=_errors(pd.DataFrame([row])), fmt="o", ms=4, capsize=2, color="grey",
                         alpha=0.8, label="one seed (pairs only)" if label == labels[0] and off == offsets[0] else None)
-            ax.annotate(f"s{row['seed']}", (row["mean"], y), fontsize=7, xytext=(3, -9), textcoords="offset points",
+            ax.annotate(f"seed {row['seed']}", (row["hi"], y), fontsize=7, xytext=(4, -3), textcoords="offset points",
                         color="dimgrey")
         pooled = part[part["kind"] == "pooled"]
         if len(pooled):

@@ -691,7 +691,8 @@ def seed_figure(groups: list[Group], out_dir: Path) -> list[tuple[str, str]]:
     for g in groups:
         for seed, values in g.table.iterrows():
             e = stats.bootstrap_mean(values.to_numpy())
-            rows.append({"label": g.label, "kind": "seed", "seed": seed, "mean": e.mean, "lo": e.lo, "hi": e.hi})
+            rows.append({"label": g.label, "kind": "seed", "seed": str(seed), "mean": e.mean, "lo": e.lo,
+                         "hi": e.hi})
         a = g.est.adjusted
         rows.append({"label": g.label, "kind": "pooled", "seed": None, "mean": g.est.mean, "lo": g.est.lo,
                      "hi": g.est.hi, "adj_lo": a.lo if _several(g.est) else math.nan,
