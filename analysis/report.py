@@ -318,7 +318,7 @@ def describe_comparison(cmp: Comparison) -> str:
         text += "not distinguishable: these runs cannot tell the two apart."
     else:
         text += f"{cmp.b.label} moved the margin {'more' if e.mean > 0 else 'less'} than {cmp.a.label}."
-    return text
+    return text + seed_by_seed(cmp)
 
 
 def comparison_sections(comparisons: list[Comparison]) -> list[str]:
@@ -576,6 +576,22 @@ def difference_table(a: Group, b: Group) -> pd.DataFrame | None:
     diff = b.table.loc[seeds_b, pairs].to_numpy() - a.table.loc[seeds_a, pairs].to_numpy()
     index = [s if sa == s else f"{sa}/{s}" for sa, s in zip(seeds_a, seeds_b, strict=True)]
     return pd.DataFrame(diff, index=index, columns=pairs)
+
+
+def seed_by_seed(cmp: Comparison) -> str:
+    """A replicated comparison's difference seed by seed, against its own between-seed spread: is the
+    difference larger than what one seed to the next does to it?"""
+    if cmp.table is None or len(cmp.table) < 2:
+        return ""
+    sp = stats.spread(cmp.table.to_numpy())
+    seeds = ", ".join(f"{fmt(x)} (seed {s})" for s, x in zip(cmp.table.index, sp.seed_means, strict=True))
+    same_sign = all(x > 0 for x in sp.seed_means) or all(x < 0 for x in sp.seed_means)
+    ratio = abs(cmp.est.mean) / sp.seed_sd if sp.seed_sd > 0 else math.inf
+    text = (f" Seed by seed the difference is {seeds}: SD {fmt(sp.seed_sd, signed=False)} between seeds, "
+            + ("every seed the same way" if same_sign else "the seeds disagree on its direction"))
+    if same_sign and cmp.est.significant:
+        text += (f"; the mean difference is {ratio:.3g}× that seed-to-seed SD" if math.isfinite(ratio) else "")
+    return text + "."
 
 
 def _table_of(g: Group):

@@ -158,6 +158,7 @@ def test_report_pools_seeds_pairs_comparisons_and_adjusts(tmp_path):
     assert "**strong** − **flat**" in comparisons and "paired over 32 pairs × 3 seeds" in comparisons
     assert "strong moved the margin more than flat" in comparisons
     assert "Holm-adjusted p" in comparisons and "d = " in comparisons
+    assert "Seed by seed the difference is" in comparisons and "every seed the same way" in comparisons
 
 
 def test_report_of_single_seed_runs_says_the_seed_noise_is_unmeasured(tmp_path):
