@@ -7,7 +7,9 @@
 Writes `<results>/<grid>/report.md` and its PNG figures next to it, and logs them (under `report/`) to the
 grid's parent run. Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the
 text around the numbers is chosen by the numbers (an interval that covers zero is said to be "not
-distinguishable from zero"), never written in advance.
+distinguishable from zero"; when the report makes several tests, a Holm-adjusted p-value of 0.05 or more
+is), never written in advance. Seed replicates of a variant are pooled (see the section "seed replicates,
+many tests, power" at the end of this module, and `analysis.stats`).
 """
 
 from __future__ import annotations
