@@ -135,3 +135,37 @@ def axis_curve(summary: pd.DataFrame, axis: str, path: Path, together_with: list
     ax.set_title(f"Margin shift against {axis}"
                  + (f"\n(changes together with {', '.join(together_with)})" if together_with else ""))
     return _save(fig, path)
+
+
+def seed_points(points: pd.DataFrame, path: Path) -> Path:
+    """Each training seed's mean held-out shift (with its pair-only 95% CI) beside the variant's pooled mean
+    (its interval over seeds and pairs, and the simultaneous one when the report adjusts for many tests).
+    `points`: label, kind ("seed" or "pooled"), seed, mean, lo, hi, and adj_lo, adj_hi on pooled rows."""
+    labels = list(dict.fromkeys(points["label"]))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.8 * len(labels)))
+    y_of = {label: len(labels) - 1 - i for i, label in enumerate(labels)}
+    for label in labels:
+        part = points[points["label"] == label]
+        seeds = part[part["kind"] == "seed"].reset_index(drop=True)
+        offsets = np.linspace(-0.05, -0.35, len(seeds)) if len(seeds) > 1 else np.array([-0.18])  # first seed on top
+        for off, (_, row) in zip(offsets, seeds.iterrows(), strict=True):
+            y = y_of[label] + off
+            ax.errorbar(row["mean"], y, xerr=_errors(pd.DataFrame([row])), fmt="o", ms=4, capsize=2, color="grey",
+                        alpha=0.8, label="one seed (pairs only)" if label == labels[0] and off == offsets[0] else None)
+            ax.annotate(f"seed {row['seed']}", (row["hi"], y), fontsize=7, xytext=(4, -3), textcoords="offset points",
+                        color="dimgrey")
+        pooled = part[part["kind"] == "pooled"]
+        if len(pooled):
+            row = pooled.iloc[0]
+            y = y_of[label] + 0.2
+            if pd.notna(row.get("adj_lo")):
+                ax.plot([row["adj_lo"], row["adj_hi"]], [y, y], color="tab:blue", lw=1, alpha=0.5,
+                        label="simultaneous (adjusted)" if label == labels[0] else None)
+            ax.errorbar(row["mean"], y, xerr=_errors(pd.DataFrame([row])), fmt="D", ms=7, capsize=5, lw=2.5,
+                        color="tab:blue", label="all seeds (seeds and pairs)" if label == labels[0] else None)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(list(y_of.values()), list(y_of.keys()))
+    ax.set_xlabel("held-out margin shift, nats (mean, 95% CI)")
+    ax.legend(loc="best", fontsize="x-small")
+    ax.set_title("Each training seed beside the pooled estimate")
+    return _save(fig, path)

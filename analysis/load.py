@@ -111,6 +111,7 @@ def load_study(target: str, results_dir: Path) -> Study:
                    "device": r.data.tags.get(R.TAG_DEVICE, ""), "gpu": r.data.tags.get(R.TAG_GPU, "")}
             row.update(_config_of(client, r, str(Path(tmp) / rid / "config")))
             row["variant_id"] = r.data.tags.get(R.TAG_VARIANT)
+            row["group_id"] = r.data.tags.get(R.TAG_GROUP, "")  # runs logged before groups existed have none
             meta.append(row)
             metric_rows.append({"run_id": rid, **r.data.metrics})
             frame = _pairs_of(client, rid, str(Path(tmp) / rid))

@@ -7,7 +7,9 @@
 Writes `<results>/<grid>/report.md` and its PNG figures next to it, and logs them (under `report/`) to the
 grid's parent run. Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the
 text around the numbers is chosen by the numbers (an interval that covers zero is said to be "not
-distinguishable from zero"), never written in advance.
+distinguishable from zero"; when the report makes several tests, a Holm-adjusted p-value of 0.05 or more
+is), never written in advance. Seed replicates of a variant are pooled (see the section "seed replicates,
+many tests, power" at the end of this module, and `analysis.stats`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from harness.core import methods
 from harness.core import metrics as catalogue
 from harness.core.tracking import MlflowTracker
 
-META = {"run_id", "run_name", "start_time", "end_time", "device", "gpu", "variant_id"}
+META = {"run_id", "run_name", "start_time", "end_time", "device", "gpu", "variant_id", "group_id"}
 NOT_CONFIG = {"seed", "name", "variant_id"}
 AXES_ORDER = ("method", "base_model", "data.size", "train.epochs", "dpo.beta", "lora.rank", "lora.alpha",
               "lora.targets", "partial_ft.layers", "partial_ft.modules", "train.learning_rate", "data.train",
@@ -37,7 +39,8 @@ AXIS_WORDS = {"method": "method", "base_model": "base model", "data.size": "data
               "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
               "lora.targets": "LoRA targets (scope)", "partial_ft.layers": "trained layers",
               "train.learning_rate": "learning rate"}
-FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png")
+FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png",
+                "seeds.png")
 # what the summary table's columns show, in order (meanings come from the metric catalogue)
 SUMMARY_METRICS = ("eval/margin_shift_mean", "eval/accuracy_after", "eval/chosen_shift_mean",
                    "eval/rejected_shift_mean", "drift/kl_mean", "drift/ppl_change", "drift/weight_delta_norm")
@@ -59,6 +62,7 @@ class Group:
     est: Estimate
     train_est: Estimate | None
     seed_means: list[float] = field(default_factory=list)
+    table: pd.DataFrame | None = None  # held-out margin shift, one row per seed, one column per pair
 
     @property
     def seeds(self) -> list:
@@ -75,6 +79,7 @@ class Comparison:
     b: Group
     differs: dict  # key -> (value in a, value in b), over fields both have
     est: Estimate
+    table: pd.DataFrame | None = None  # b − a per seed pairing (rows) and pair (columns)
 
 
 # ---------------------------------------------------------------- building the tables
@@ -105,10 +110,12 @@ def build_groups(study: Study) -> list[Group]:
         metrics = study.metrics.loc[ids].mean(numeric_only=True).to_dict()
         ev = pairs[(pairs["run_id"].isin(ids)) & (pairs.get("split") == "eval")] if len(pairs) else pairs
         scale, flips, lengths = math.nan, (0, 0), (math.nan, math.nan)
+        table = None
         if len(ev) and "margin_shift" in ev:
             per_run = ev.pivot_table(index="pair", columns="run_id", values="margin_shift")
             shifts = per_run.mean(axis=1)
             seed_means = [float(per_run[c].mean()) for c in per_run.columns]
+            table = seed_table(per_run, part)
             per_pair = ev.groupby("pair")[["margin_before", "margin_after"]].mean()
             scale = float(per_pair["margin_before"].abs().median())
             flips = (int(((per_pair["margin_before"] <= 0) & (per_pair["margin_after"] > 0)).sum()),
@@ -125,8 +132,9 @@ def build_groups(study: Study) -> list[Group]:
         groups.append(Group(label=name if _present(name) else _strip_seed(first["run_name"], first["seed"]),
                             config=_config(first), runs=part, metrics=metrics, shifts=shifts, scale=scale, flips=flips,
                             lengths=lengths,
-                            est=stats.bootstrap_mean(shifts.to_numpy()), train_est=train_est,
-                            seed_means=seed_means))
+                            est=stats.replicated_mean(table.to_numpy()) if table is not None else
+                            stats.bootstrap_mean(shifts.to_numpy()), train_est=train_est,
+                            seed_means=seed_means, table=table))
     labels = [g.label for g in groups]
     for g in groups:  # a name shared by several variants (axes applied to it): use the full run name
         if labels.count(g.label) > 1:
@@ -162,11 +170,10 @@ def compare(groups: list[Group]) -> list[Comparison]:
                    if json.dumps(a.config[k], default=str) != json.dumps(b.config[k], default=str)}
         if not differs or (len(groups) > MAX_ALL_PAIRS and len(differs) != 1):
             continue
-        common = a.shifts.index.intersection(b.shifts.index)
-        if len(common) == 0:
+        table = difference_table(a, b)
+        if table is None:
             continue
-        est = stats.paired_difference(b.shifts.loc[common].to_numpy(), a.shifts.loc[common].to_numpy())
-        out.append(Comparison(a, b, differs, est))
+        out.append(Comparison(a, b, differs, stats.replicated_mean(table.to_numpy()), table))
     return out
 
 
@@ -237,11 +244,11 @@ def _num(x) -> str:
 def describe_movement(g: Group) -> list[str]:
     m, est = g.metrics, g.est
     n = m.get("eval/pairs")
-    lines = [f"**Held-out margin shift** (logp chosen − logp rejected, after − before, {_n(n)} pairs): "
-             f"{fmt_ci(est)} nats — {est.verdict()}."]
+    seeds = f" × {est.seeds} seeds" if est.seeds > 1 else ""
+    lines = [f"**Held-out margin shift** (logp chosen − logp rejected, after − before, {_n(n)} pairs{seeds}): "
+             f"{fmt_ci(est)} nats — {est.verdict()}{_test_note(est)}."]
     if len(g.seed_means) > 1:
-        lines.append(f"Per-seed means: {', '.join(fmt(x) for x in g.seed_means)} (the interval above pools the "
-                     f"seeds per pair and does not include this spread).")
+        lines.append(describe_seeds(g))
     lines.append(f"Preference accuracy (margin > 0): {_count(m.get('eval/accuracy_before'), n)} before → "
                  f"{_count(m.get('eval/accuracy_after'), n)} after; "
                  + ("no pair's margin changed sign." if g.flips == (0, 0) else
@@ -306,13 +313,14 @@ def describe_comparison(cmp: Comparison) -> str:
     e = cmp.est
     changed = "; ".join(f"`{k}` {_num(va)} → {_num(vb)}" for k, (va, vb) in sorted(cmp.differs.items(),
                                                                                    key=lambda kv: _axis_key(kv[0])))
+    paired = f"{e.n} pairs × {e.seeds} seeds" if e.seeds > 1 else f"{e.n} pairs"
     text = (f"- **{cmp.b.label}** − **{cmp.a.label}** ({changed}): difference in held-out margin shift "
-            f"{fmt_ci(e)} nats (paired over {e.n} pairs, {fmt_p(e.p_value)}) — ")
-    if e.n < 2 or e.covers_zero:
+            f"{fmt_ci(e)} nats (paired over {paired}, {fmt_p(e.p_value)}{_test_note(e, p=False)}) — ")
+    if e.n < 2 or not e.significant:
         text += "not distinguishable: these runs cannot tell the two apart."
     else:
         text += f"{cmp.b.label} moved the margin {'more' if e.mean > 0 else 'less'} than {cmp.a.label}."
-    return text
+    return text + seed_by_seed(cmp)
 
 
 def comparison_sections(comparisons: list[Comparison]) -> list[str]:
@@ -344,8 +352,7 @@ def caveats(groups: list[Group], comparisons: list[Comparison], axes: list[str])
         out.append("One training seed per variant: the intervals cover the choice of evaluation pairs, not training "
                    "randomness (data order, adapter initialisation); another seed could move every estimate.")
     else:
-        out.append("Seeds are pooled per pair; the per-seed means listed with each variant show the training "
-                   "randomness the intervals leave out.")
+        out.append(seed_caveat(groups))
     bases = {g.get("base_model") for g in groups}
     for base in sorted(bases, key=str):
         gs = [g for g in groups if g.get("base_model") == base]
@@ -387,9 +394,7 @@ def caveats(groups: list[Group], comparisons: list[Comparison], axes: list[str])
         fields = sorted({k for c in confounded for k in c.differs}, key=str)
         out.append(f"{len(confounded)} of the {len(comparisons)} comparisons change several fields at once "
                    f"({', '.join(fields)}); they say which variant moved more, not why.")
-    if len(comparisons) > 1:
-        out.append(f"{len(comparisons)} comparisons are reported without correction for multiplicity: at p < 0.05, "
-                   f"{fmt(0.05 * len(comparisons), signed=False)} of them are expected to cross by chance alone.")
+    out += multiplicity_caveat(groups, comparisons)
     out.append("KL is measured on the reference's greedy completions of a fixed set of neutral probe prompts: it "
                "says how far next-token distributions moved on ordinary prompts, not whether outputs got better "
                "or worse. Perplexity is on a fixed neutral text.")
@@ -413,6 +418,7 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
     unmeasured = [g for g in groups if not g.est.n]
     axes = varying_axes(measured) if measured else []
     comparisons = compare(measured)
+    adjust_family(measured, comparisons)
     summary = summary_table(measured, axes)
     labels = {rid: g.label for g in groups for rid in g.runs["run_id"]}
 
@@ -423,7 +429,8 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
               + f"; trained and measured on {', '.join(devices) or 'unknown'}. Every number is read from the logged "
               "runs (metrics and the per-pair tables `eval/pairs.csv`). Margins are in nats: summed log-prob of the "
               "chosen completion minus the rejected one, given the prompt. Intervals are 95% paired-bootstrap CIs "
-              f"over evaluation pairs ({stats.N_RESAMPLES:,} resamples, seed {stats.SEED}).", ""]
+              f"over evaluation pairs ({stats.N_RESAMPLES:,} resamples, seed {stats.SEED})"
+              + interval_note(measured) + ".", ""]
     if not measured:
         lines += ["None of these runs logged margin measurements (`eval/pairs.csv`); nothing to compare.", ""]
 
@@ -436,7 +443,8 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
             n = m.get("eval/pairs")
             rows.append([g.label, str(g.get("method")), f"{_n(g.get('data.size')) if g.get('data.size') else 'all'} × "
                          f"{_n(g.get('train.epochs'))} ({_n(m.get('train/global_step'))} steps)", fmt_ci(g.est),
-                         g.est.verdict(), f"{_count(m.get('eval/accuracy_before'), n)} → "
+                         g.est.verdict() + _test_note(g.est, short=True),
+                         f"{_count(m.get('eval/accuracy_before'), n)} → "
                          f"{_count(m.get('eval/accuracy_after'), n)}",
                          f"{fmt(m.get('eval/chosen_shift_mean'))} / {fmt(m.get('eval/rejected_shift_mean'))}",
                          fmt(m.get("drift/kl_mean"), signed=False), fmt(m.get("drift/ppl_change")),
@@ -461,6 +469,7 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
             category=("category", "first"))
         figs.append((figures.pairs_before_after(ev, out_dir / "pairs_before_after.png").name,
                      "Per held-out pair: margin before vs after"))
+        figs += seed_figure(measured, out_dir)
     hist = study.history.copy()
     if len(hist):
         hist["label"] = hist["run_id"].map(labels)
@@ -490,14 +499,17 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
     if unmeasured:
         lines += ["Runs without margin measurements (trained before measurement existed, or it failed): "
                   + ", ".join(g.label for g in unmeasured) + ".", ""]
+    lines += seed_section(measured)
 
     # comparisons
     if comparisons:
         lines += ["## Comparisons", "",
-                  "Differences are (second − first) in held-out margin shift, paired on the same evaluation pairs.", ""]
+                  "Differences are (second − first) in held-out margin shift, paired on the same evaluation pairs"
+                  + (" and seeds" if any(c.est.seeds > 1 for c in comparisons) else "") + ".", ""]
         lines += comparison_sections(comparisons)
     elif len(measured) > 1:
         lines += ["## Comparisons", "", "No two variants share evaluation pairs, so none are compared.", ""]
+    lines += multiplicity_section(measured, comparisons) + power_section(measured, comparisons)
 
     lines += ["## What this does and does not show", ""] + [f"- {c}" for c in caveats(measured, comparisons, axes)]
     lines.append("")
@@ -511,9 +523,10 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
     for g in groups:
         for _, r in g.runs.iterrows():
             m = study.metrics.loc[r["run_id"]]
-            rows.append([g.label, f"`{r['run_id']}`", f"`{r['variant_id']}`", str(r.get("seed")),
+            rows.append([g.label, f"`{r['run_id']}`", f"`{r['variant_id']}`", f"`{r.get('group_id') or '-'}`",
+                         str(r.get("seed")),
                          _n(m.get("train/seconds")) + " s", _n(m.get("eval/seconds")) + " s"])
-    lines += _table(["variant", "run id", "variant id", "seed", "training", "measuring"], rows)
+    lines += _table(["variant", "run id", "variant id", "group", "seed", "training", "measuring"], rows)
     lines.append("")
     produced = {name for name, _ in figs}
     for stale in [*FIGURE_NAMES, *(f.name for f in out_dir.glob("*_curve.png"))]:
@@ -535,3 +548,297 @@ def write_report(target: str, results_dir: Path) -> Path:
             if f.suffix in (".md", ".png"):
                 tracker.log_artifact(f, "report")
     return path
+
+
+# ---------------------------------------------------------------- seed replicates, many tests, power
+#
+# A variant run under several training seeds (`seeds: N` in its grid) is one group: its held-out shifts form a
+# seeds × pairs table, its interval covers both (`stats.replicated_mean`), and a comparison pairs two groups
+# on the same pairs and seeds. Every p-value the report words a verdict from is one test of one family: each
+# variant's shift against zero and each comparison; verdicts use Holm's adjustment over that family.
+
+
+def seed_table(per_run: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Held-out shifts of one group, one row per seed (sorted) and one column per pair, from the pair × run
+    pivot; two runs of one seed (not made by a grid) are averaged."""
+    seed_of = dict(zip(runs["run_id"], runs["seed"], strict=True))
+    table = per_run.T
+    table.index = [seed_of[r] for r in table.index]
+    return table.groupby(level=0).mean().sort_index()
+
+
+def difference_table(a: Group, b: Group) -> pd.DataFrame | None:
+    """b − a on their common pairs, seed by seed (`stats.seed_matched`), or None with nothing to pair."""
+    if a.table is None or b.table is None:
+        return None
+    pairs = a.table.columns.intersection(b.table.columns)
+    if len(pairs) == 0:
+        return None
+    seeds_a, seeds_b = stats.seed_matched(a.table.index, b.table.index)
+    diff = b.table.loc[seeds_b, pairs].to_numpy() - a.table.loc[seeds_a, pairs].to_numpy()
+    index = [s if sa == s else f"{sa}/{s}" for sa, s in zip(seeds_a, seeds_b, strict=True)]
+    return pd.DataFrame(diff, index=index, columns=pairs)
+
+
+def seed_by_seed(cmp: Comparison) -> str:
+    """A replicated comparison's difference seed by seed, against its own between-seed spread: is the
+    difference larger than what one seed to the next does to it?"""
+    if cmp.table is None or len(cmp.table) < 2:
+        return ""
+    sp = stats.spread(cmp.table.to_numpy())
+    seeds = ", ".join(f"{fmt(x)} (seed {s})" for s, x in zip(cmp.table.index, sp.seed_means, strict=True))
+    same_sign = all(x > 0 for x in sp.seed_means) or all(x < 0 for x in sp.seed_means)
+    ratio = abs(cmp.est.mean) / sp.seed_sd if sp.seed_sd > 0 else math.inf
+    text = (f" Seed by seed the difference is {seeds}: SD {fmt(sp.seed_sd, signed=False)} between seeds, "
+            + ("every seed the same way" if same_sign else "the seeds disagree on its direction"))
+    if same_sign and cmp.est.significant:
+        text += (f"; the mean difference is {ratio:.3g}× that seed-to-seed SD" if math.isfinite(ratio) else "")
+    return text + "."
+
+
+def _table_of(g: Group):
+    return g.table.to_numpy() if g.table is not None else g.shifts.to_numpy()
+
+
+def adjust_family(groups: list[Group], comparisons: list[Comparison]) -> int:
+    """Adjust every variant's and every comparison's estimate as one family of tests; returns its size."""
+    ests = stats.adjust([g.est for g in groups] + [c.est for c in comparisons],
+                        [_table_of(g) for g in groups] + [c.table.to_numpy() for c in comparisons])
+    for g, e in zip(groups, ests[:len(groups)], strict=True):
+        g.est = e
+    for c, e in zip(comparisons, ests[len(groups):], strict=True):
+        c.est = e
+    return _tests(groups, comparisons)
+
+
+def _tests(groups: list[Group], comparisons: list[Comparison]) -> int:
+    return sum(not math.isnan(e.p_value) for e in [*(g.est for g in groups), *(c.est for c in comparisons)])
+
+
+def _several(e: Estimate) -> bool:
+    return e.adjusted is not None and e.adjusted.tests > 1
+
+
+def fmt_q(q: float) -> str:
+    return f"BH q = {q:.2g}" if q >= 0.001 else "BH q < 0.001"
+
+
+def _effect(e: Estimate) -> str:
+    return f"d = {e.effect:.2g}" if _present(e.effect) else "d n/a"
+
+
+def _test_note(e: Estimate, *, p: bool = True, short: bool = False) -> str:
+    """What a verdict rests on: the Holm-adjusted p-value when the report makes several tests (with BH's
+    q-value and the simultaneous interval), the plain p-value otherwise; and the effect size."""
+    if short:
+        return f" (Holm {fmt_p(e.adjusted.holm)})" if _several(e) else ""
+    parts = [fmt_p(e.p_value)] if p else []
+    if _several(e):
+        a = e.adjusted
+        parts += [f"Holm-adjusted {fmt_p(a.holm)} over the report's {a.tests} tests", fmt_q(a.bh),
+                  f"simultaneous interval [{fmt(a.lo)}, {fmt(a.hi)}]"]
+    parts.append(_effect(e))
+    return ("; " if not p else " (") + "; ".join(parts) + ("" if not p else ")")
+
+
+def interval_note(groups: list[Group]) -> str:
+    """The header's addition when seeds were replicated or several tests are made."""
+    out = ""
+    seeds = sorted({g.est.seeds for g in groups if g.est.seeds > 1})
+    if seeds:
+        out += (f"; a variant run under {'/'.join(map(str, seeds))} training seeds gets an interval over seeds and "
+                f"pairs together (two-level bootstrap, mean ± t × SE: see *Seed replicates*)")
+    m = max((g.est.adjusted.tests for g in groups if g.est.adjusted is not None), default=1)
+    if m > 1:
+        out += (f"; verdicts use Holm-adjusted p-values over the report's {m} tests (see *Tests and their "
+                f"adjustment*)")
+    return out
+
+
+def describe_seeds(g: Group) -> str:
+    sp = stats.spread(g.table)
+    e = g.est
+    share = (f"makes up {sp.seed_share:.0%} of the variance of the mean shift, the choice of pairs the rest"
+             if sp.seed_share >= 0.005 else "adds nothing measurable beyond what the pairs' own noise explains")
+    return (f"Between seeds: the per-seed means are {', '.join(fmt(x) for x in sp.seed_means)} nats (seeds "
+            f"{', '.join(map(str, g.table.index))}; SD {fmt(sp.seed_sd, signed=False)}). Training randomness "
+            f"{share}; the interval above covers both (two-level bootstrap, t with {e.df:.3g} degrees of freedom).")
+
+
+def seed_caveat(groups: list[Group]) -> str:
+    many = [g for g in groups if len(g.seeds) > 1]
+    single = [g.label for g in groups if len(g.seeds) == 1]
+    ks = sorted({len(g.seeds) for g in many})
+    text = (f"{'/'.join(map(str, ks))} training seeds per replicated variant: its interval covers training "
+            f"randomness (adapter initialisation, batch order) as well as the choice of evaluation pairs, while the "
+            f"training rows are the same for every seed (`data.shuffle_seed`). With so few seeds their spread is "
+            f"itself a rough estimate, so those intervals are wide by design (Student's t at few degrees of "
+            f"freedom).")
+    if single:
+        text += f" {', '.join(single)} ran under one seed: its interval covers the pairs only."
+    staged = sorted({str(g.get('from')) for g in many if g.get("from")})
+    if staged:
+        text += (f" The `from:` stage ({', '.join(staged)}) trained once, under one seed: the replicates share it, "
+                 f"so its own training randomness is not in any interval.")
+    return text
+
+
+def multiplicity_caveat(groups: list[Group], comparisons: list[Comparison]) -> list[str]:
+    m = _tests(groups, comparisons)
+    if m <= 1:
+        return []
+    raw = sum(e.p_value < stats.ALPHA for e in [*(g.est for g in groups), *(c.est for c in comparisons)]
+              if not math.isnan(e.p_value))
+    held = sum(e.significant for e in [*(g.est for g in groups), *(c.est for c in comparisons)])
+    return [f"{_plural(m, 'test')} ({_plural(len(groups), 'variant')} against zero, "
+            f"{_plural(len(comparisons), 'comparison')}): at an unadjusted 5%, {fmt(stats.ALPHA * m, signed=False)} of "
+            f"them would cross by chance alone if nothing moved. {raw} cross unadjusted; {held} "
+            f"{'does' if held == 1 else 'do'} after Holm's adjustment, which the verdicts use."]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def seed_figure(groups: list[Group], out_dir: Path) -> list[tuple[str, str]]:
+    from analysis import figures
+
+    if not any(len(g.seeds) > 1 for g in groups):
+        return []
+    rows = []
+    for g in groups:
+        for seed, values in g.table.iterrows():
+            e = stats.bootstrap_mean(values.to_numpy())
+            rows.append({"label": g.label, "kind": "seed", "seed": str(seed), "mean": e.mean, "lo": e.lo,
+                         "hi": e.hi})
+        a = g.est.adjusted
+        rows.append({"label": g.label, "kind": "pooled", "seed": None, "mean": g.est.mean, "lo": g.est.lo,
+                     "hi": g.est.hi, "adj_lo": a.lo if _several(g.est) else math.nan,
+                     "adj_hi": a.hi if _several(g.est) else math.nan})
+    path = figures.seed_points(pd.DataFrame(rows), out_dir / "seeds.png")
+    return [(path.name, "Each training seed's mean held-out shift (grey, pairs-only 95% CI) beside the pooled "
+                        "estimate over seeds and pairs (blue)")]
+
+
+def seed_section(groups: list[Group]) -> list[str]:
+    """The between-seed spread, variant by variant, apart from the pooled intervals."""
+    many = [g for g in groups if len(g.seeds) > 1]
+    if not many:
+        return []
+    lines = ["## Seed replicates", "",
+             "Each replicated variant was trained once per seed on the same rows and measured on the same "
+             "held-out pairs, so its shifts form a seeds × pairs table. The pooled interval comes from a two-level "
+             f"bootstrap ({stats.N_RESAMPLES:,} draws): resample the seeds, then the pairs (the same pairs for every "
+             "seed drawn), take the mean; it is the mean ± t × the draws' standard deviation, t at Satterthwaite's "
+             "degrees of freedom, so that three seeds are not read as the whole population (on simulated 3-seed "
+             "tables with no true shift, a plain percentile interval called one 14–26% of the time where seeds "
+             "matter; this one, under 5%). 'Seed share' is the part of the mean's "
+             "variance that training randomness makes up (two-way ANOVA); the rest is the choice of pairs.", ""]
+    rows = []
+    for g in many:
+        sp = stats.spread(g.table)
+        rows.append([g.label, ", ".join(map(str, g.table.index)), ", ".join(fmt(x) for x in sp.seed_means),
+                     fmt(sp.seed_sd, signed=False), f"{sp.seed_share:.0%}", fmt_ci(g.est), f"{g.est.df:.3g}"])
+    lines += _table(["variant", "seeds", "mean shift per seed", "SD between seeds", "seed share",
+                     "pooled shift", "df"], rows)
+    lines.append("")
+    for g in many:
+        sp = stats.spread(g.table)
+        lo, hi = min(sp.seed_means), max(sp.seed_means)
+        if lo > 0 or hi < 0:
+            word = "every seed moved the margin the same way"
+        else:
+            word = "the seeds disagree on the direction"
+        lines.append(f"- {g.label}: {word} (from {fmt(lo)} to {fmt(hi)} nats); pooled {g.est.verdict()}"
+                     f"{_test_note(g.est, short=True)}.")
+    lines.append("")
+    return lines
+
+
+def multiplicity_section(groups: list[Group], comparisons: list[Comparison]) -> list[str]:
+    m = _tests(groups, comparisons)
+    if m <= 1:
+        return []
+    lines = ["## Tests and their adjustment", "",
+             f"This report makes {m} tests: {_plural(len(groups), 'variant')}' held-out shifts against zero and "
+             f"{_plural(len(comparisons), 'comparison')} between variants. Verdicts use **Holm**'s step-down "
+             f"adjustment (the chance of any false call among the {m} stays at 5%); **Benjamini–Hochberg** "
+             f"q-values (the expected share of false calls stays at 5%) are shown beside them. The simultaneous "
+             f"intervals are Bonferroni's, at level 1 − 0.05/{m} = {1 - stats.ALPHA / m:.4g}: they hold for all {m} "
+             f"at once and are wider than Holm needs, so a Holm verdict can say 'above zero' while its simultaneous "
+             f"interval touches zero. d is the effect size: the mean over the standard deviation of single "
+             f"measurements (one seed on one pair; for a comparison, of the paired differences), about 0.2 small, "
+             f"0.5 medium, 0.8 large by Cohen's rule of thumb.", ""]
+    rows = []
+    items = [(g.label, g.est) for g in groups] + [(f"{c.b.label} − {c.a.label}", c.est) for c in comparisons]
+    for label, e in items:
+        if math.isnan(e.p_value):
+            continue
+        a = e.adjusted
+        rows.append([label, fmt_ci(e), f"[{fmt(a.lo)}, {fmt(a.hi)}]", fmt_p(e.p_value), fmt_p(a.holm),
+                     fmt_q(a.bh).removeprefix("BH "), _effect(e).removeprefix("d = "), e.verdict()])
+    lines += _table(["test", "estimate (nats)", "simultaneous interval", "p", "Holm p", "BH q", "d",
+                     "verdict (Holm)"], rows)
+    lines.append("")
+    raw = [label for label, e in items if not math.isnan(e.p_value) and e.p_value < stats.ALPHA]
+    holm_ok = [label for label, e in items if e.significant]
+    bh_ok = [label for label, e in items if e.adjusted is not None and e.adjusted.bh < stats.ALPHA]
+    lost = [x for x in raw if x not in holm_ok]
+    text = (f"Unadjusted, {len(raw)} of the {m} cross 5%; after Holm, {len(holm_ok)}; after Benjamini–Hochberg, "
+            f"{len(bh_ok)}.")
+    if lost:
+        text += f" No longer called after adjustment: {', '.join(lost)}."
+    extra = [x for x in bh_ok if x not in holm_ok]
+    if extra:
+        text += (f" Called at a 5% false-discovery rate but not family-wise: {', '.join(extra)} (the verdicts above "
+                 f"do not call them).")
+    lines += [text, ""]
+    return lines
+
+
+def _halve_text(sp: stats.Spread) -> str:
+    """What would halve the standard error (and so, roughly, the detectable shift), one kind at a time."""
+    pairs, seeds = stats.to_halve(sp)
+    if sp.seeds == 1:
+        return f"about {pairs} pairs (now {sp.pairs}); seeds: unmeasured" if pairs is not None else "n/a"
+    out = []
+    if pairs is not None:
+        out.append(f"about {pairs} pairs (now {sp.pairs})")
+    if seeds is not None:
+        out.append(f"about {seeds} seeds (now {sp.seeds})")
+    if out:
+        why = ("" if len(out) == 2 else " (more seeds alone cannot: the pairs are over a quarter of the variance)"
+               if pairs is not None else " (more pairs alone cannot: the seeds are over a quarter of the variance)")
+        return " or ".join(out) + why
+    return (f"neither alone (seeds and pairs each hold over a quarter of the variance): 4× both, "
+            f"{4 * sp.pairs} pairs and {4 * sp.seeds} seeds")
+
+
+def power_section(groups: list[Group], comparisons: list[Comparison]) -> list[str]:
+    """The smallest shift (and difference) this design could detect, so that 'not distinguishable' is not read
+    as 'no effect'; and what would halve it."""
+    items = [(g.label, g.est, _table_of(g)) for g in groups] + [
+        (f"{c.b.label} − {c.a.label}", c.est, c.table.to_numpy()) for c in comparisons]
+    items = [(label, e, t) for label, e, t in items if e.n > 1 and _present(e.se)]
+    if not items:
+        return []
+    m = _tests(groups, comparisons)
+    lines = ["## What this design could detect", "",
+             f"From the observed spread: the smallest true shift each estimate would call with 80% power in a "
+             f"two-sided test at 5% ((t₀.₉₇₅ + t₀.₈) × its standard error)"
+             + (f", and at the adjusted level 0.05/{m} its verdict actually uses (Holm's first step)" if m > 1 else "")
+             + "; and roughly how many pairs or seeds would halve it. A verdict of 'not distinguishable' means the "
+               "shift is smaller than about this, or absent — not that it is zero.", ""]
+    rows = []
+    for label, e, table in items:
+        sp = stats.spread(table)
+        rows.append([label, fmt(e.mean), fmt(e.se, signed=False), fmt(stats.detectable(e), signed=False)]
+                    + ([fmt(stats.detectable(e, alpha=stats.ALPHA / m), signed=False)] if m > 1 else [])
+                    + [_halve_text(sp)])
+    lines += _table(["estimate", "observed", "SE", "detectable (80%, 5%)"]
+                    + ([f"detectable (80%, 5%/{m})"] if m > 1 else []) + ["to halve it"], rows)
+    lines.append("")
+    if all(stats.spread(t).seeds == 1 for _, _, t in items):
+        lines += ["One training seed per variant: these sizes count the choice of pairs only. Seed-to-seed noise "
+                  "would add to them by an amount one seed cannot measure; `seeds: 3` in the grid measures it.", ""]
+    return lines

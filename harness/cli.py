@@ -84,6 +84,9 @@ def cmd_plan(args) -> int:
     for r in rows:
         _say("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
     extra = f"; {grid.collapsed} duplicate(s) collapsed by id" if grid.collapsed else ""
+    groups = {v.group_id for v in grid.variants}
+    if len(groups) < len(grid.variants):  # seed replicates: say what they pool into
+        extra += f"; {len(groups)} group(s) of seed replicates (the report pools each group)"
     _say(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
           f"optimiser steps in total{extra}")
     return 0

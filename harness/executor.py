@@ -249,6 +249,10 @@ class Session:
                 R.TAG_SOURCE: v.source, R.TAG_BASE_MODEL: v.spec.base_model, **self.child_tags.get(v.id, {})}
         if v.parent_id:
             tags[R.TAG_STAGE] = v.parent_id
+        if v.group_id:
+            tags[R.TAG_GROUP] = v.group_id
+        if v.replicate:
+            tags[R.TAG_REPLICATE] = v.replicate
         run_id = self.store.start_run(self.exp, v.run_name, tags, parent=self.parent_run)
         try:
             tracker = MlflowTracker(self.uri, run_id)

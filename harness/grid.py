@@ -12,10 +12,13 @@ A grid file looks like this (only what differs from `harness.core.schema` defaul
       dpo: {beta: [0.1, 0.5]}
     exclude:             # drop expanded variants matching all keys of any entry
       - {method: sft, dpo.beta: 0.5}
+    seeds: 3             # optional: every variant under training seeds 0, 1, 2 (or a list: [0, 7, 42])
 
-Expansion = variants × product(axes), minus excluded, then de-duplicated by variant id (a grid that
+Expansion = variants × product(axes) × seeds, minus excluded, then de-duplicated by variant id (a grid that
 varies dpo.beta next to an sft variant yields that sft variant once). A variant named by another's
-`from:` is a stage: it is not expanded over axes, trains once and is shared by its children.
+`from:` is a stage: it is not expanded over axes or seeds, trains once and is shared by its children.
+Seed replicates differ only in `seed` (adapter initialisation, batch order): the rows they train on are
+chosen by `data.shuffle_seed`, which they share. They have one group id (`Variant.group_id`).
 
 Loading is a pipeline of named steps, each a function you can call and test on its own:
 
@@ -30,6 +33,7 @@ torch.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import json
@@ -54,9 +58,10 @@ from harness.core.schema import (
     relevant_config,
     unflatten,
 )
-from harness.core.variant import Variant, fmt_value, run_name, variant_id
+from harness.core.variant import Variant, fmt_value, group_id, run_name, variant_id
 
-GRID_KEYS = ("name", "description", "defaults", "variants", "axes", "exclude")
+GRID_KEYS = ("name", "description", "defaults", "variants", "axes", "exclude", "seeds")
+MAX_SEEDS = 100  # replicates per variant; more is a typo (`seeds: 1000`), not a design
 
 
 class GridError(Exception):
@@ -171,6 +176,7 @@ class RawGrid:
     explicit_entries: bool  # the file has a `variants:` list (sources read "variants[i]", else "defaults")
     axes: list[tuple[str, list]]  # (dotted key, values) per swept field
     excludes: list[dict]  # flat {dotted key: value} per exclude entry
+    seeds: list[int] = field(default_factory=list)  # `seeds:` as training seeds; empty: no replication
     extra: dict = field(default_factory=dict)  # top-level sections a caller asked for (a search's `search:`)
     notes: list[str] = field(default_factory=list)  # filled by the steps, shown by plan/validate/run
 
@@ -253,9 +259,44 @@ def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = (
             if key not in field_names():
                 errors.append(f"{file}: exclude[{j}].{key}: unknown key{_suggest(key, field_names())}")
         flat_excludes.append(flat)
+    seeds = _seeds(raw, file, defaults, entries_n, axis_leaves, errors)
     return RawGrid(path=path, name=name, description=str(raw.get("description", "")), defaults=normalise(defaults),
                    entries=entries_n, explicit_entries=bool(raw.get("variants")), axes=axis_leaves,
-                   excludes=flat_excludes, extra={k: raw[k] for k in extra_keys if k in raw})
+                   excludes=flat_excludes, seeds=seeds, extra={k: raw[k] for k in extra_keys if k in raw})
+
+
+def _seeds(raw: dict, file: str, defaults: dict, entries: list[dict], axes: list[tuple[str, list]],
+           errors: list[str]) -> list[int]:
+    """`seeds: N` -> training seeds 0..N-1; `seeds: [a, b, ...]` -> those. Refused next to a `seed` given
+    elsewhere (which one would win is a guess), and beyond numpy's seed range."""
+    if "seeds" not in raw:
+        return []
+    value = raw["seeds"]
+    hint = "a number of replicates like 3 (seeds 0, 1, 2) or a list of distinct seeds like [0, 7, 42]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= MAX_SEEDS:
+            errors.append(f"{file}: seeds: expected 1 to {MAX_SEEDS} replicates, got {value}")
+            return []
+        seeds = list(range(value))
+    elif isinstance(value, list) and value:
+        bad = [s for s in value if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 2**32 - 1]
+        if bad:
+            errors.append(f"{file}: seeds: expected seeds from 0 to 2**32 - 1, got {bad[0]!r}")
+            return []
+        if len(set(value)) != len(value) or len(value) > MAX_SEEDS:
+            errors.append(f"{file}: seeds: expected at most {MAX_SEEDS} distinct seeds, got {value!r}")
+            return []
+        seeds = list(value)
+    else:
+        errors.append(f"{file}: seeds: expected {hint}, got {value!r}")
+        return []
+    given = (["defaults.seed"] if "seed" in defaults else []) + [f"variants[{i}].seed" for i, e in
+                                                                 enumerate(entries) if "seed" in e]
+    given += ["axes.seed" for p, _ in axes if p == "seed"]
+    for where in given:
+        errors.append(f"{file}: {where}: the grid also has `seeds:`, which sets every variant's seed; keep one "
+                      f"(`seeds: [..]` lists the seeds to use)")
+    return seeds
 
 
 def _given_twice(section: dict, where: str) -> list[str]:
@@ -307,11 +348,12 @@ def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
     combos = [dict(zip([p for p, _ in raw.axes], values, strict=True))
               for values in itertools.product(*[v for _, v in raw.axes])] if raw.axes else [{}]
     axis_index = {p: vals for p, vals in raw.axes}
+    seeds: list[int | None] = list(raw.seeds) or [None]
     stage_names = raw.stage_names
     out: list[Candidate] = []
     for i, entry in enumerate(raw.entries):
         is_stage = entry.get("name") in stage_names
-        for combo in ([{}] if is_stage else combos):
+        for combo, seed in ([({}, None)] if is_stage else itertools.product(combos, seeds)):
             merged = deep_merge(raw.defaults, entry)
             prov = {k: f"defaults.{k}" for k in flatten(raw.defaults)}
             if raw.explicit_entries:
@@ -319,6 +361,9 @@ def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
             for p, v in combo.items():
                 merged = deep_merge(merged, unflatten({p: v}))
                 prov[p] = f"axes.{p}[{axis_index[p].index(v)}]"
+            if seed is not None:
+                merged = {**merged, "seed": seed}
+                prov["seed"] = f"seeds[{raw.seeds.index(seed)}]"
             try:
                 spec = VariantSpec.model_validate(merged)
             except ValidationError as e:
@@ -327,6 +372,8 @@ def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
             src = f"variants[{i}]" if raw.explicit_entries else "defaults"
             if combo:
                 src += " × axes{" + ", ".join(f"{k}={fmt_value(v)}" for k, v in combo.items()) + "}"
+            if seed is not None:
+                src += f" × seed {seed}"
             out.append(Candidate(spec, src))
     for j, ex in enumerate(raw.excludes):
         if out and not any(_excluded(c.spec, [ex]) for c in out):
@@ -455,9 +502,11 @@ def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, di
 
     variants: list[Variant] = []
     seen: dict[str, Candidate] = {}
+    groups: dict[int, str] = {}
     for n, c in enumerate(candidates):
         parent_id = stage_ids.get(c.spec.from_) if c.spec.from_ else None
         vid = variant_id(identity(n, parent_id))
+        groups[n] = group_id(identity(n, parent_id))
         if vid in seen:
             first = seen[vid]
             if c.spec.name and c.spec.name != first.spec.name:  # its name would vanish without a word
@@ -468,10 +517,21 @@ def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, di
         seen[vid] = c
         variants.append(Variant(spec=c.spec, id=vid, run_name=run_name(c.spec, varying), grid=raw.name,
                                 source=c.source, parent_id=parent_id, data_paths=data_paths[n],
-                                grid_dir=str(raw.dir)))
+                                grid_dir=str(raw.dir), group_id=groups[n]))
+    variants = _number_replicates(variants)
     variants.sort(key=lambda v: v.parent_id is not None)  # stages first; stable otherwise
     return Grid(name=raw.name, path=raw.path, description=raw.description, variants=variants,
                 collapsed=len(candidates) - len(variants), notes=list(dict.fromkeys(raw.notes)))
+
+
+def _number_replicates(variants: list[Variant]) -> list[Variant]:
+    """Mark each member of a group of several (the seed replicates of one variant) "i/N", in seed order."""
+    members: dict[str, list[Variant]] = {}
+    for v in variants:
+        members.setdefault(v.group_id, []).append(v)
+    place = {v.id: f"{i}/{len(vs)}" for vs in members.values() if len(vs) > 1
+             for i, v in enumerate(sorted(vs, key=lambda v: v.spec.seed), 1)}
+    return [dataclasses.replace(v, replicate=place.get(v.id, "")) for v in variants]
 
 
 def load_grid(path: str | Path, *, check_data: bool = True) -> Grid:

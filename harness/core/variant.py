@@ -2,8 +2,10 @@
 
 The id is a hash of what defines the run (the fields its method uses, the data files' contents, its stage's
 id), never of its label, so it names MLflow runs and output folders and is the join key for resume and
-analysis. Grids (`harness.grid`) and searches produce variants; the executor runs them; the training code
-reads them. Nothing here imports torch.
+analysis. The group id is the same hash without the training seed: the seed replicates of one variant
+(`seeds: 3` in a grid) share it, so the report can pool them while each stays its own run. Grids
+(`harness.grid`) and searches produce variants; the executor runs them; the training code reads them.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Variant:
     parent_id: str | None = None
     data_paths: dict[str, str] = field(default_factory=dict)  # data.train / data.eval -> absolute path
     grid_dir: str = "."  # relative model folders resolve from here
+    group_id: str = ""  # the id without the seed: shared by the seed replicates of one variant
+    replicate: str = ""  # "2/3": this variant's place among its group's replicates in the grid ("" if alone)
 
     @property
     def method(self) -> methods.Method:
@@ -57,6 +61,8 @@ class Variant:
             "parent_id": self.parent_id,
             "data_paths": self.data_paths,
             "grid_dir": self.grid_dir,
+            "group_id": self.group_id,
+            "replicate": self.replicate,
         }
 
     @classmethod
@@ -67,6 +73,13 @@ class Variant:
 def variant_id(identity: dict) -> str:
     blob = json.dumps({"schema": SCHEMA_VERSION, **identity}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def group_id(identity: dict) -> str:
+    """The variant id of `identity` with its training seed left out: equal for the seed replicates of one
+    variant, different for anything else that differs (a stage's id included, so the children of different
+    stages never share a group). Prefixed `g` so it is never mistaken for a variant id."""
+    return "g" + variant_id({k: v for k, v in identity.items() if k != "seed"})[:11]
 
 
 # ---------------------------------------------------------------- run names
