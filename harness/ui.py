@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 from harness.core import runs as R
 from harness.core.metrics import SUMMARY_KEYS
-from harness.core.tracking import MlflowTracker, redact
+from harness.core.tracking import MlflowTracker, default_tracking_uri, redact
 
 VIEW_KEY = "harness-variants"  # the saved view's key (its experiment tag is mlflow.sharedViewState.<key>)
 VIEW_NAME = "harness: variants by held-out shift"
@@ -233,7 +233,7 @@ def prepare(results_dir: Path, target: str | None, base: str) -> Links:
     adds headlines to runs logged before they existed, saves the experiment's view."""
     from analysis.load import select_runs
 
-    uri = R.default_tracking_uri(results_dir)
+    uri = default_tracking_uri(results_dir)
     R.check_store(uri)
     links = Links(base=base)
     moved = R.reanchor(uri)

@@ -291,6 +291,12 @@ def drive(page, links: dict[str, str], variants: list, shoot) -> None:
     expect(page.get_by_text("summary/shift", exact=True).first).to_be_visible()
     shoot(page, "charts.png")
 
+    # the Evaluation view of the same view: the held-out pairs' margin shift, one column per variant
+    page.locator("label", has=page.locator("input[value=ARTIFACT]")).click()
+    expect(page.get_by_text(R.PAIRS_TABLE_ARTIFACT, exact=True).first).to_be_visible()
+    expect(page.get_by_text("margin_shift", exact=True).first).to_be_visible()  # compared, grouped by pair
+    shoot(page, "pairs.png")
+
     # the compare page of the latest invocation, showing only what differs
     page.goto(links["compare"], timeout=120_000)
     expect(page.get_by_text(f"Comparing {len(variants)} Runs")).to_be_visible()
@@ -302,8 +308,15 @@ def drive(page, links: dict[str, str], variants: list, shoot) -> None:
     expect(params).not_to_contain_text("lora.rank")  # the same in both: hidden
     expect(page.get_by_role("link", name="eval/margin_shift_mean", exact=True)).to_be_visible()
     expect(page.get_by_role("link", name="eval/pairs", exact=True)).to_have_count(0)  # 32 in both: hidden
-    page.get_by_text("Parameters", exact=True).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.get_by_text("Run details", exact=True).first.evaluate("e => e.scrollIntoView({block: 'start'})")
     shoot(page, "compare.png")
+
+    # the invocation's run: its description is the table of its variants
+    page.goto(links["parent"], timeout=120_000)
+    expect(page.get_by_text(f"{len(variants)} variant(s) — {len(variants)} finished", exact=False)).to_be_visible()
+    for run in variants:
+        expect(page.locator("table", has=page.get_by_text(run.info.run_name, exact=True)).first).to_contain_text(
+            run.data.tags[R.TAG_VERDICT])
 
     # the report, figures rendered inside MLflow's artifact viewer
     page.goto(links["report"], timeout=120_000)
