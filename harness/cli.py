@@ -326,8 +326,8 @@ def cmd_ui(args) -> int:
         _say(f"note: {note}", file=sys.stderr)
     if args.host not in ui.LOOPBACK:
         print(f"warning: serving on {args.host}:{args.port}: anyone who can reach this machine on that port can read "
-              f"and change every run; MLflow still answers only requests addressed to localhost unless "
-              f"MLFLOW_SERVER_ALLOWED_HOSTS names this machine", file=sys.stderr)
+              f"and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
+              f"a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
     # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
     # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
     print(f"starting the MLflow UI on {base} ({args.workers} worker{'s' if args.workers > 1 else ''}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
