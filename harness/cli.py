@@ -309,6 +309,10 @@ def cmd_ui(args) -> int:
         print(f"ui: --host {args.host} would let other machines read and change every run (the MLflow server has no "
               f"login); add --allow-remote to mean it, or leave --host out for 127.0.0.1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.host not in ui.LOOPBACK:  # allowed, and said at once
+        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can read "
+              f"and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
+              f"a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
     taken = ui.port_taken(args.host, args.port)
     if taken:
         print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
@@ -324,10 +328,6 @@ def cmd_ui(args) -> int:
         return EXIT_BAD_INPUT
     for note in links.notes:
         _say(f"note: {note}", file=sys.stderr)
-    if args.host not in ui.LOOPBACK:
-        print(f"warning: serving on {args.host}:{args.port}: anyone who can reach this machine on that port can read "
-              f"and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
-              f"a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
     # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
     # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
     print(f"starting the MLflow UI on {base} ({args.workers} worker{'s' if args.workers > 1 else ''}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)

@@ -149,6 +149,18 @@ def test_ui_refuses_a_remote_host_without_allow_remote(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before anything was created
 
 
+def test_ui_with_allow_remote_warns_before_anything_else(tmp_path, capsys):
+    with socket.socket() as s:  # a taken port ends it right after the warning, before any server starts
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["ui", "--host", "0.0.0.0", "--allow-remote", "--port", str(port), "--results",
+                     str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: --host 0.0.0.0 --allow-remote: anyone who can reach this machine on port {port}" in err
+    assert "the port is already in use" in err
+
+
 def test_ui_names_the_grids_there_are_for_an_unknown_one(store, capsys):
     assert main(["ui", "no_such_grid", "--port", str(_free_port()), "--results", str(store["results"])]) == 2
     err = capsys.readouterr().err
