@@ -310,8 +310,8 @@ def cmd_ui(args) -> int:
               f"login); add --allow-remote to mean it, or leave --host out for 127.0.0.1", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.host not in ui.LOOPBACK:  # allowed, and said at once
-        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can read "
-              f"and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
+        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
+              f"read and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
               f"a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
     taken = ui.port_taken(args.host, args.port)
     if taken:
@@ -330,7 +330,8 @@ def cmd_ui(args) -> int:
         _say(f"note: {note}", file=sys.stderr)
     # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
     # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
-    print(f"starting the MLflow UI on {base} ({args.workers} worker{'s' if args.workers > 1 else ''}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
+    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+    print(f"starting the MLflow UI on {base} ({workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
     proc = subprocess.Popen(ui.server_command(uri, results, args.host, args.port, args.workers),
                             env=ui.server_env(args.job_runner), start_new_session=True)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
