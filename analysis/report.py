@@ -6,8 +6,9 @@
 
 Writes `<results>/<grid>/report.md` and its PNG figures next to it, the same page with the figures inside as
 `report.html` (what MLflow's artifact viewer can show), and logs them (under `report/`) to the grid's parent run.
-Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the text around the numbers is chosen by the numbers (an interval that covers zero is said to be "not
-distinguishable from zero"), never written in advance.
+Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the text around the numbers is
+chosen by the numbers (an interval that covers zero is said to be "not distinguishable from zero"), never written
+in advance.
 """
 
 from __future__ import annotations

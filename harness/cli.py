@@ -311,8 +311,8 @@ def cmd_ui(args) -> int:
         return EXIT_BAD_INPUT
     if args.host not in ui.LOOPBACK:  # allowed, and said at once
         print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
-              f"read and change every run (the MLflow server has no login). It answers requests addressed to localhost or "
-              f"a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
+              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
+              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
     taken = ui.port_taken(args.host, args.port)
     if taken:
         print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
