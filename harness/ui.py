@@ -15,6 +15,10 @@ fields that differ between variants, and bar charts of the headline first.
 publishes the view, starts `mlflow server` with one worker and no job runner in a process group of its own,
 and prints the view's URL, a compare URL for the latest invocation's variants and the invocation's run (its
 table and report). A signal to it (Ctrl-C, SIGTERM) stops the whole group.
+
+The view's format (an experiment tag `mlflow.sharedViewState.<key>` holding `{name, createdAt, state}`), the
+column ids and the `workflowType` URL parameter are those of MLflow 3.17's UI, read from its source; the
+browser test (`tests/test_ui.py`) is what notices when a later MLflow changes them.
 """
 
 from __future__ import annotations
