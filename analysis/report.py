@@ -4,12 +4,13 @@
     python -m harness report <parent run id>           # the variants one invocation ran or reused
     python -m harness report two_round --results DIR   # another results folder
 
-Writes `<results>/<grid>/report.md` and its PNG figures next to it, and logs them (under `report/`) to the
-grid's parent run. Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the
-text around the numbers is chosen by the numbers (an interval that covers zero is said to be "not
-distinguishable from zero"; when the report makes several tests, a Holm-adjusted p-value of 0.05 or more
-is), never written in advance. Seed replicates of a variant are pooled (see the section "seed replicates,
-many tests, power" at the end of this module, and `analysis.stats`).
+Writes `<results>/<grid>/report.md` and its PNG figures next to it, the same page with the figures inside as
+`report.html` (what MLflow's artifact viewer can show), and logs them (under `report/`) to the grid's parent run.
+Every number comes from the runs' metrics and per-pair tables (`eval/pairs.csv`); the text around the numbers is
+chosen by the numbers (an interval that covers zero is said to be "not distinguishable from zero"; when the
+report makes several tests, a Holm-adjusted p-value of 0.05 or more is), never written in advance. Seed
+replicates of a variant are pooled (see the section "seed replicates, many tests, power" at the end of this
+module, and `analysis.stats`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import stats
+from analysis import stats, webpage
 from analysis.load import Study, load_study
 from analysis.stats import Estimate, fmt, fmt_ci, fmt_p
 from harness.core import methods
@@ -534,6 +535,7 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
             (out_dir / stale).unlink()  # a figure an earlier report drew that this one does not
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
+    webpage.write_html(path)  # the same page with its figures inside, for MLflow's artifact viewer
     return path
 
 
@@ -545,7 +547,7 @@ def write_report(target: str, results_dir: Path) -> Path:
     if study.parent_run_id:
         tracker = MlflowTracker(study.uri, study.parent_run_id)
         for f in sorted(out_dir.iterdir()):
-            if f.suffix in (".md", ".png"):
+            if f.suffix in (".md", ".html", ".png"):
                 tracker.log_artifact(f, "report")
     return path
 

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import figures, report  # noqa: E402
+from analysis import figures, report, webpage  # noqa: E402
 from analysis.load import Study, StudyError, load_study  # noqa: E402
 from analysis.stats import fmt, fmt_ci  # noqa: E402
 from harness.core import metrics as catalogue  # noqa: E402
@@ -275,9 +275,10 @@ def build(target: str, results_dir: Path) -> Path:
             lines += [f"![{caption}]({name})", "", f"*{caption}.*", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
+    webpage.write_html(path)  # figures inside, for MLflow's artifact viewer
     tracker = MlflowTracker(uri, parent.info.run_id)
     for f in sorted(out_dir.iterdir()):
-        if f.suffix in (".md", ".png"):
+        if f.suffix in (".md", ".html", ".png"):
             tracker.log_artifact(f, "report")
     if (out_dir / "best").is_dir():
         tracker.log_artifact(out_dir / "best", "report/best")

@@ -6,7 +6,7 @@
     python -m harness search configs/search_beta_lr.yaml  # Optuna search over beta and learning rate
     python -m harness report two_round                  # results/two_round/report.md + figures, from MLflow
     python -m harness evaluate smollm2-135m-instruct    # margins of a model (or a finished run) on eval pairs
-    python -m harness ui                                # MLflow UI on 127.0.0.1 over results/mlflow.db
+    python -m harness ui two_round                      # MLflow UI on 127.0.0.1, opened on the grid's variants
     python -m harness metrics                           # what every measured metric means (markdown table)
     python -m harness cache-model                       # materialise SmolLM2-135M-Instruct once
 
@@ -324,74 +324,68 @@ def _file_name(label: str) -> str:
 
 
 def cmd_ui(args) -> int:
+    from harness import ui
     from harness.core.tracking import default_tracking_uri
 
-    uri = default_tracking_uri(_results_dir(args))
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
-    taken = _port_taken(args.host, args.port)
+    if args.workers < 1:
+        print(f"ui: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.host not in ui.LOOPBACK and not args.allow_remote:
+        print(f"ui: --host {args.host} would let other machines read and change every run (the MLflow server has no "
+              f"login); add --allow-remote to mean it, or leave --host out for 127.0.0.1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.host not in ui.LOOPBACK:  # allowed, and said at once
+        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
+              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
+              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
+    taken = ui.port_taken(args.host, args.port)
     if taken:
         print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    # The server is a tree (mlflow, uvicorn and its workers): it gets a process group of its own, and whatever
-    # ends this process (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    results = _results_dir(args)
+    uri = default_tracking_uri(results)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{shown_host}:{args.port}"
+    try:
+        links = ui.prepare(results, args.target, base)
+    except ui.UiError as e:
+        print(f"ui: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for note in links.notes:
+        _say(f"note: {note}", file=sys.stderr)
+    # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
+    # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
+    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+    print(f"starting the MLflow UI on {base} ({workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(ui.server_command(uri, results, args.host, args.port, args.workers),
+                            env=ui.server_env(args.job_runner), start_new_session=True)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        answering = ui.wait_until_answering(f"http://{shown_host}:{args.port}/health", proc, timeout=180)
+        if proc.poll() is not None:
+            print(f"ui: the MLflow server exited with code {proc.returncode} before answering", file=sys.stderr)
+            return proc.returncode or 1
+        print(f"MLflow UI on {base}" + ("" if answering else " (not answering yet; it may need a minute more)"),
+              flush=True)
+        for what, url in links.lines:
+            print(f"  {what}:\n    {url}", flush=True)
+        if args.open and links.lines:
+            import webbrowser
+
+            webbrowser.open(links.lines[0][1])
         return proc.wait()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_group(proc)
+        ui.stop_group(proc)
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _port_taken(host: str, port: int) -> str | None:
-    """Why (host, port) cannot be listened on, or None. The MLflow server itself reports a taken port and
-    exits 0, so it is asked here first (SO_REUSEADDR, as the server binds: a port in TIME_WAIT is free)."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        return f"unknown host ({e.strerror or e})"
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError as e:
-            return "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-    return None
-
-
-def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by `proc`, wait for every member to be gone, SIGKILL what is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child, or its zombie would count as a member
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def cmd_metrics(args) -> int:
@@ -463,10 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("ui", help="MLflow UI over the results store")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s = sub.add_parser("ui", help="MLflow UI over the results store, opened on a grid's variants",
+                       epilog="examples: python -m harness ui; python -m harness ui two_round --open --port 5001")
+    s.add_argument("target", nargs="?", help="grid or search name (or its YAML file) whose runs to show (default: "
+                   "the one run most recently)")
+    s.add_argument("--open", action="store_true", help="open the runs' URL in a browser once the server answers")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
+                   "another needs --allow-remote)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
     s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--results", help="results folder (default: results/)")
+    s.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: enough for one user)")
+    s.add_argument("--job-runner", action="store_true", help="also start MLflow's job runner (GenAI judges and "
+                   "scorers; not needed for training runs)")
+    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_ui)
 
     s = sub.add_parser("metrics", help="the metric catalogue: every measured metric, its meaning and direction")

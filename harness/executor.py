@@ -187,6 +187,8 @@ class Session:
 
     def _open(self) -> Session:
         self._opened_ms = int(time.time() * 1000)
+        if self.store.reanchored:
+            print(f"note: {self.store.reanchored}", file=self.stream)
         self.exp = self.store.experiment(self.experiment_name)
         recovered = self.store.recover_orphans(self.exp)
         if recovered:
@@ -228,6 +230,8 @@ class Session:
                 if not is_disk_full(e):
                     raise
                 self._disk_full_seen(e)
+            if not self.disk_full:
+                self._describe(ordered)
             self._try_end(self.parent_run, status)
             if self.disk_full:
                 left = (f"{len(self.unmarked)} run(s) could not be marked and stay RUNNING: once there is space, the "
@@ -360,6 +364,8 @@ class Session:
             self._disk_full_seen(OSError(errno.ENOSPC, "a worker found no space for its outputs"))  # stop here
         # What follows writes. Small store writes first, the run's end among them, then the log file: on a
         # nearly full disk the status is what must fit.
+        if status == "FINISHED":
+            self._headline(act)
         try:
             tags = {R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0} if status != "FINISHED" else {}
             if act.stop_reason:
@@ -386,6 +392,35 @@ class Session:
             self.finished[act.variant.id] = act.run_id
         label = "PRUNED" if act.stop_reason and not interrupted else status
         return Outcome(act.variant, label, act.run_id, seconds, reason, steps)
+
+    def _headline(self, act: Active) -> None:
+        """What the MLflow UI shows first for a finished variant (`harness.ui.summarise_run`). A failure here is
+        said, never the variant's: it trained and was measured."""
+        from harness import ui
+
+        try:
+            ui.summarise_run(self.uri, act.run_id, act.out_dir / "pairs.csv")
+        except Exception as e:  # noqa: BLE001
+            if is_disk_full(e):
+                self._disk_full_seen(e)
+            else:
+                print(f"note: could not log the headline of {act.variant.run_name} ({_first_line(e)})",
+                      file=self.stream, flush=True)
+
+    def _describe(self, ordered: list[Outcome]) -> None:
+        """The parent run's table of its variants and the experiment's saved view (`harness.ui`)."""
+        from harness import ui
+
+        members = [ui.Member(o.variant.run_name, o.status, o.run_id, o.reason) for o in ordered]
+        hint = (f"The writeup with figures: `python -m harness report {self.experiment_name}` writes it and logs "
+                f"`report/report.html` to this run.")
+        try:
+            ui.after_invocation(self.uri, self.exp, self.parent_run, self.experiment_name, members, hint)
+        except Exception as e:  # noqa: BLE001
+            if is_disk_full(e):
+                self._disk_full_seen(e)
+            else:
+                print(f"note: could not describe the parent run ({_first_line(e)})", file=self.stream, flush=True)
 
     def _reusable(self, v: Variant, stages: set[str]) -> str | None:
         """Run id of a FINISHED run of this variant that can stand for it (a stage also needs its weights)."""

@@ -3,7 +3,7 @@
 One source for these facts: the report reads meanings and directions from here, and the README's results
 schema is generated from here (`python -m harness metrics` prints it; a test checks the README matches).
 `<s>` stands for a split prefix: `eval` (the held-out pairs of data.eval) or `train_pairs` (the variant's
-own training pairs).
+own training pairs). `summary/` repeats a finished variant's headline numbers, rounded, for the MLflow UI.
 
     from harness.core.metrics import CATALOGUE, lookup
     lookup("eval/margin_shift_mean").direction   # "higher"
@@ -70,6 +70,18 @@ CATALOGUE: tuple[Metric, ...] = (
            "neither"),
     Metric("cache/reference_logps_reused", "dpo_lora: 1 if TRL was given those reference log-probs instead of "
            "running a reference forward pass every step", "neither"),
+    # The headline of a finished variant, logged once at step 0 (MLflow draws a metric whose only step is 0 as a
+    # bar, not as a lone point) and rounded to 4 significant digits, so that MLflow's runs table, compare view and
+    # Chart tab show the answer first. The unrounded values are the metrics above (SUMMARY_OF says which).
+    Metric("summary/shift", "held-out margin shift (eval/margin_shift_mean)", "higher", "nats"),
+    Metric("summary/shift_lo", "lower bound of its 95% paired-bootstrap CI over the held-out pairs (as in the "
+           "report)", "higher", "nats"),
+    Metric("summary/shift_hi", "upper bound of that CI", "higher", "nats"),
+    Metric("summary/acc_before", "held-out preference accuracy before (eval/accuracy_before)", "neither"),
+    Metric("summary/acc_after", "held-out preference accuracy after (eval/accuracy_after)", "higher"),
+    Metric("summary/kl", "drift: KL(policy ‖ reference) (drift/kl_mean)", "lower", "nats/token"),
+    Metric("summary/dppl", "drift: neutral-text perplexity change (drift/ppl_change)", "lower"),
+    Metric("summary/dw", "drift: norm of the weight change (drift/weight_delta_norm)", "neither"),
     # a model measured on its own (`harness evaluate` without a reference)
     Metric("<s>/margin_mean", "a model alone: mean margin logp(chosen) - logp(rejected)", "higher", "nats"),
     Metric("<s>/norm_margin_mean", "a model alone: mean per-token margin", "higher", "nats/token"),
@@ -78,6 +90,19 @@ CATALOGUE: tuple[Metric, ...] = (
 )
 
 _BY_KEY = {key: m for m in CATALOGUE for key in m.keys()}
+
+# summary/ key -> the measured metric it rounds (the CI bounds come from the per-pair table instead)
+SUMMARY_OF = {"summary/shift": "eval/margin_shift_mean", "summary/acc_before": "eval/accuracy_before",
+              "summary/acc_after": "eval/accuracy_after", "summary/kl": "drift/kl_mean",
+              "summary/dppl": "drift/ppl_change", "summary/dw": "drift/weight_delta_norm"}
+SUMMARY_CI = ("summary/shift_lo", "summary/shift_hi")
+SUMMARY_KEYS = ("summary/shift", *SUMMARY_CI, "summary/acc_before", "summary/acc_after", "summary/kl",
+                "summary/dppl", "summary/dw")  # the order a table or chart shows them in
+
+
+def headline_round(x: float) -> float:
+    """4 significant digits: what a summary/ metric holds, short enough for a table cell (6.012e-07)."""
+    return float(f"{x:.4g}")
 
 
 def lookup(key: str) -> Metric | None:

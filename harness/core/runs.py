@@ -49,8 +49,15 @@ TAG_TRIAL = "harness.trial"  # a trial's number in its study
 TAG_TRIAL_STATE = "harness.trial_state"  # COMPLETE, PRUNED or FAIL, as told to Optuna
 TAG_STORAGE = "harness.search_storage"  # where the study lives: journal:<path under results/> or a redacted URL
 
+TAG_VERDICT = "harness.verdict"  # a finished variant's held-out shift: above zero, below zero, not distinguishable...
+TAG_NOTE = "harness.note"  # "generated": harness wrote the run's description (and may rewrite it)
+NOTE_TAG = "mlflow.note.content"  # MLflow's run description (markdown), the first thing a run's page shows
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which UI an experiment belongs to
+EXPERIMENT_KIND = "custom_model_development"  # "Model training", not GenAI traces
+
 VARIANT_ARTIFACT = "variant.yaml"  # the variant's typed config (what analysis reads back)
 PAIRS_ARTIFACT = "eval/pairs.csv"
+PAIRS_TABLE_ARTIFACT = "eval/heldout_pairs.json"  # the held-out rows again, as an MLflow table (the UI compares it)
 SUMMARY_ARTIFACT = "summary.txt"  # a parent run's outcome table
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -68,9 +75,10 @@ def client(uri: str):
 
 def client_for(results_dir: Path):
     """(client, uri) of the store of a results folder (MLFLOW_TRACKING_URI wins). Raises StoreError for a
-    damaged store."""
+    damaged store. A store that was moved or copied is re-anchored first (see `reanchor`)."""
     uri = default_tracking_uri(results_dir)
     check_store(uri)
+    reanchor(uri)
     return client(uri), uri
 
 
@@ -155,6 +163,70 @@ def check_store(uri: str) -> None:
                          f"Restore it from a backup, or give another --results folder")
 
 
+def _file_path(location: str | None) -> Path | None:
+    """The local folder of a `file://` (or plain path) artifact location, else None."""
+    from urllib.parse import unquote, urlparse
+
+    if not location:
+        return None
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(location) if not parsed.scheme and location.startswith("/") else None
+
+
+def reanchor(uri: str) -> str | None:
+    """Point the artifact locations of a moved or copied store back at the `artifacts/` folder beside it.
+
+    MLflow records every artifact location as an absolute `file://` path, so a `results/` folder copied or moved
+    elsewhere would show (or, for a copy, quietly read and write) the artifacts of the old place. harness creates
+    each experiment's artifacts in `<results>/artifacts/<grid>`; when an experiment's recorded location is such a
+    folder somewhere else and `artifacts/<grid>` exists next to this `mlflow.db`, its location and its runs' are
+    rewritten to that folder (one sqlite transaction; nothing else changes). Returns a sentence saying what was
+    re-anchored, or None when nothing needed it. A store that cannot be written is left as it is (the sentence
+    says so)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file() or db.stat().st_size == 0:
+        return None
+    here = (db.parent / "artifacts").resolve()
+    try:
+        con = sqlite3.connect(db, timeout=30)
+    except sqlite3.Error:
+        return None
+    try:
+        try:
+            experiments = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+        except sqlite3.Error:
+            return None  # not an MLflow store (yet): MLflow creates the tables
+        moves = []
+        for exp_id, location in experiments:
+            path = _file_path(location)
+            if path is None or path.parent.name != "artifacts" or path.parent.resolve() == here:
+                continue
+            if (here / path.name).is_dir():
+                moves.append((exp_id, location, (here / path.name).as_uri(), path.parent.parent))
+        if not moves:
+            return None
+        runs = 0
+        try:
+            with con:  # one transaction: every location moves, or none
+                for exp_id, old, new, _ in moves:
+                    con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+                    runs += con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE "
+                                        "experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                                        (new, len(old) + 1, exp_id, len(old), old)).rowcount
+        except sqlite3.Error as e:
+            return (f"{db}: its artifact locations point at {moves[0][3]} (the store was moved or copied), and they "
+                    f"could not be re-pointed at {here} ({e}); artifacts show from the old place, if it exists")
+        olds = sorted({str(m[3]) for m in moves})
+        return (f"{db.parent} was moved or copied from {', '.join(olds)}: the artifact locations of {len(moves)} "
+                f"experiment(s) and {runs} run(s) now point at {here}")
+    finally:
+        con.close()
+
+
 class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
@@ -164,6 +236,7 @@ class Store:
         self.uri = uri
         self.artifact_root = artifact_root
         check_store(uri)
+        self.reanchored = reanchor(uri)  # a moved or copied results folder: said by the caller
         if uri.startswith("sqlite:///"):
             # A new sqlite store is created by running migrations when the client first opens it; several
             # runners starting at once on one new file would race on that, so they open it under a lock.
@@ -195,7 +268,8 @@ class Store:
                 return exp.experiment_id
             try:
                 location = (self.artifact_root / name).resolve().as_uri()
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:  # noqa: BLE001 - another process created it first
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:

@@ -115,6 +115,8 @@ class Tracker:
 
     def log_text(self, text: str, name: str) -> None: ...
 
+    def log_table(self, data: Any, name: str) -> None: ...
+
 
 NullTracker = Tracker
 
@@ -160,3 +162,8 @@ class MlflowTracker(Tracker):
 
     def log_text(self, text: str, name: str) -> None:
         retry(lambda: self.client.log_text(self.run_id, redact(text), name), "log text")
+
+    def log_table(self, data: Any, name: str) -> None:
+        """A pandas DataFrame as an MLflow table (`name` ends in .json): the UI's Evaluation view lists it and
+        compares it across runs."""
+        retry(lambda: self.client.log_table(self.run_id, data=data, artifact_file=name), "log table")

@@ -104,15 +104,19 @@ def fmt_value(v: Any) -> str:
 
 
 def run_name(spec: VariantSpec, varying: set[str]) -> str:
-    """`[name·]method·model·n<size>·e<epochs>` then the method's own parts (`b0.1·r4·qv`), then any other
-    field that varies across the grid (`lr0.0001`)."""
+    """`[name·]` then what differs between the grid's variants, then what they share: the parts are
+    `method·model·n<size>·e<epochs>`, the method's own (`b0.1·r4·qv`) and any other field that varies across the
+    grid (`lr0.0001`). Leading with what differs keeps it visible where a name is cut short (MLflow's runs
+    table shows about 25 characters): `round2·n12·e2·dpo_lora·smollm2·b0.1·r4·qv`."""
     method = spec.method_record
     flat = flatten(spec.model_dump(by_alias=True))
-    parts = [spec.method, short_model(spec.base_model), f"n{spec.data.size or 'all'}", f"e{spec.train.epochs}"]
-    parts += [f"{prefix}{fmt_value(flat[key])}" for key, prefix in method.name_parts]
+    parts = [("method", spec.method), ("base_model", short_model(spec.base_model)),
+             ("data.size", f"n{spec.data.size or 'all'}"), ("train.epochs", f"e{spec.train.epochs}")]
+    parts += [(key, f"{prefix}{fmt_value(flat[key])}") for key, prefix in method.name_parts]
     shown = _ALWAYS_SHOWN | {key for m in methods.all_methods() for key, _ in m.name_parts}
     for key in sorted(varying - shown):
         if key in flat:
-            parts.append(f"{_SHORT_KEYS.get(key, key.split('.')[-1])}{fmt_value(flat[key])}")
-    label = "·".join(parts)
+            parts.append((key, f"{_SHORT_KEYS.get(key, key.split('.')[-1])}{fmt_value(flat[key])}"))
+    ordered = [text for key, text in parts if key in varying] + [text for key, text in parts if key not in varying]
+    label = "·".join(ordered)
     return f"{spec.name}·{label}" if spec.name else label
