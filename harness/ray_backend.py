@@ -206,7 +206,8 @@ class RayBackend:
         total = ray.cluster_resources()
         if self.gpus is None:
             self.gpus = 1.0 if total.get("GPU", 0) > 0 else 0.0
-        fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= self.cpus and n["Resources"].get("GPU", 0) >= self.gpus]
+        fits = [n for n in nodes
+                if n["Resources"].get("CPU", 0) >= self.cpus and n["Resources"].get("GPU", 0) >= self.gpus]
         if not fits:
             have = ", ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU, "
                              f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
@@ -317,10 +318,10 @@ class RayWorker:
         import ray
 
         while True:
-            finished = self._task_done()  # asked first: a finished task pushed its last lines before returning
             try:
+                finished = self._task_done()  # asked first: a finished task pushed its last lines before returning
                 lines = ray.get(self._relay.take.remote(self._key), timeout=60)
-            except Exception:  # noqa: BLE001 - the relay is gone (the session is closing): nothing more comes
+            except Exception:  # noqa: BLE001 - Ray or the relay is gone (the session is closing): nothing more comes
                 return
             for line in lines:
                 if line.startswith(PREFIX) and '"attempt"' in line:
@@ -395,7 +396,13 @@ class RayWorker:
                 self._relay.forget.remote(self._key)
             except Exception:  # noqa: BLE001
                 pass
-        unpack(result["outputs"], self._out_dir)
+        try:
+            unpack(result["outputs"], self._out_dir)
+        except OSError as e:  # no space or no permission here: the variant fails, the session goes on
+            try:
+                return _write_error(self._out_dir, f"could not write its outputs into {self._out_dir}: {e}", 1)
+            except OSError:
+                return 1
         return int(result["rc"])
 
 
@@ -481,7 +488,8 @@ def unpack(blob: bytes, folder: Path) -> None:
 # ---------------------------------------------------------------- on a Ray node
 
 
-def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage, env: dict[str, str], relay, key: str) -> dict:
+def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage: bytes | None, env: dict[str, str], relay,
+                key: str) -> dict:
     """The Ray task: train one variant in a fresh `python -m harness.worker` subprocess, relaying its output.
     Returns {"rc": exit code, "outputs": tar of its output folder}."""
     import ray
@@ -504,9 +512,9 @@ def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage, env: dict[st
             target.write_bytes(ray.get(ref))
             paths[role] = str(target)
         stage_dir = None
-        if stage is not None:
+        if stage is not None:  # a top-level argument: Ray has already fetched it (the data refs sit in a dict)
             stage_dir = root / "stage"
-            unpack(ray.get(stage), stage_dir / "model")
+            unpack(stage, stage_dir / "model")
         job = {**job, "variant": {**job["variant"], "data_paths": paths}, "out_dir": str(out_dir), "attempt": attempt,
                "stage_dir": str(stage_dir) if stage_dir else None, "cache_dir": str(cache_dir() / "ray")}
         job_path = root / "job.json"

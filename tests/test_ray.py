@@ -49,6 +49,22 @@ variants:
 NOT_COMPARED = ("seconds", "runtime", "per_second", "cache/")
 
 
+# A stage and its DPO child (its trained model travels to the child's node and back), and a plain variant.
+STAGED = """
+name: tiny_ray_equal
+defaults:
+  base_model: tiny-random-llama
+  method: dpo_lora
+  data: {size: 4, max_length: 128}
+  train: {max_steps: 2, batch_size: 2, learning_rate: 1e-3}
+  eval: {probe_length: 4}
+variants:
+  - {name: warm, method: sft, train: {max_steps: 1}}
+  - {name: a, from: warm, dpo: {beta: 0.1}}
+  - {name: b, dpo: {beta: 0.5}}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,7 +206,8 @@ def compared(metrics: dict) -> dict:
 def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, server, cluster, monkeypatch, capsys):
     # One torch thread each way: forked local workers and Ray's subprocess workers then compute bit for bit alike.
     monkeypatch.setenv("HARNESS_THREADS", "1")
-    grid = write_grid(tmp_path, "tiny_ray_equal")
+    grid = tmp_path / "tiny_ray_equal.yaml"
+    grid.write_text(STAGED)
     local = tmp_path / "local"
     assert main(["run", str(grid), "--results", str(local), "--jobs", "2"]) == 0
     assert ray_run(grid, server, cluster) == 0
@@ -200,8 +217,9 @@ def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, se
     here = by_name(variant_runs(MlflowClient(f"sqlite:///{local / 'mlflow.db'}"), "tiny_ray_equal"))
     # The server writes the results folder's own store: its sqlite file holds the Ray runs, as local tools read it.
     there = by_name(variant_runs(MlflowClient(f"sqlite:///{server['results'] / 'mlflow.db'}"), "tiny_ray_equal"))
-    assert set(here) == set(there) == {"a", "b"}
-    for name in ("a", "b"):
+    assert set(here) == set(there) == {"warm", "a", "b"}
+    assert there["a"].data.tags[R.TAG_STAGE] == there["warm"].data.tags[R.TAG_VARIANT]
+    for name in ("warm", "a", "b"):
         mine, theirs = here[name], there[name]
         assert theirs.info.status == "FINISHED"
         assert mine.data.tags[R.TAG_VARIANT] == theirs.data.tags[R.TAG_VARIANT]
@@ -215,17 +233,22 @@ def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, se
         vid = theirs.data.tags[R.TAG_VARIANT]
         artifacts = Path(theirs.info.artifact_uri.removeprefix("file://"))
         assert artifacts.is_relative_to(server["results"] / "artifacts")
-        assert (artifacts / "result.json").is_file() and (artifacts / "adapter" / "adapter_model.safetensors").is_file()
-        assert (artifacts / "eval" / "pairs.csv").is_file() and (artifacts / "variant.yaml").is_file()
+        assert (artifacts / "result.json").is_file() and (artifacts / "variant.yaml").is_file()
+        assert (artifacts / "eval" / "pairs.csv").is_file()
         # ... and the worker's outputs came back into runs/<id>/ as a local worker leaves them.
         outputs = server["results"] / "runs" / vid
-        assert json.loads((outputs / "result.json").read_text())["global_step"] == 2
+        steps = json.loads((outputs / "result.json").read_text())["global_step"]
+        assert steps == (1 if name == "warm" else 2)
         assert "ray: running on" in (outputs / "worker.log").read_text()
+        if name != "warm":
+            assert (artifacts / "adapter" / "adapter_model.safetensors").is_file()
+    warm = server["results"] / "runs" / there["warm"].data.tags[R.TAG_VARIANT] / "model"
+    assert (warm / "config.json").is_file() and (warm / "model.safetensors").is_file()  # the stage's weights
 
-    assert ray_run(grid, server, cluster) == 0  # rerun: both already finished, nothing trains
+    assert ray_run(grid, server, cluster) == 0  # rerun: all already finished, nothing trains
     out = capsys.readouterr().err
-    assert "2 variants, 2 already finished, 0 to run" in out
-    assert len(variant_runs(MlflowClient(server["url"]), "tiny_ray_equal")) == 2
+    assert "3 variants, 3 already finished, 0 to run" in out
+    assert len(variant_runs(MlflowClient(server["url"]), "tiny_ray_equal")) == 3
 
 
 def _worker_of(variant: str, experiment_runs: set[str]) -> tuple[int, dict] | None:
