@@ -197,6 +197,9 @@ class RayBackend:
                     if self.address in ("auto", None) else "")
             extra = "; ray:// addresses need the Ray client: pip install \"ray[client]==2.60.0\"" if str(
                 self.address).startswith("ray://") else ""
+            if self.address is not None and not os.environ.get("RAY_AUTH_MODE"):
+                extra += ("; a cluster with token authentication (Ray 2.60's default) also needs RAY_AUTH_MODE=token "
+                          "and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here")
             raise BackendError(f"cannot connect to the Ray cluster at {self.address}: {_first_line(e)}{hint}"
                                f"{extra}") from None
         self._connected = True
