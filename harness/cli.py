@@ -146,8 +146,6 @@ def _tracking(args, command: str) -> bool:
     from harness.core.tracking import redact
     from harness.server import health
 
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # the Session, its workers and the checks read it
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
         problem = health(uri)
@@ -196,6 +194,8 @@ def cmd_run(args) -> int:
         return EXIT_BAD_INPUT
     if _bad_worker_environment("run") or _executor_flags_misused(args, "run"):
         return EXIT_BAD_INPUT
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # the Session, its workers and the checks read it
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
@@ -277,6 +277,8 @@ def cmd_search(args) -> int:
         return EXIT_BAD_INPUT
     if _bad_worker_environment("search") or _executor_flags_misused(args, "search"):
         return EXIT_BAD_INPUT
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:
         spec = load_search(args.file)
     except GridError as e:

@@ -234,7 +234,7 @@ class RayBackend:
     # -- the executor's interface
 
     def slots(self, jobs: int | None) -> list[None]:
-        """`jobs` if given, else as many variants as the cluster's GPUs (or CPUs) hold at once."""
+        """`jobs` if given, else as many variants as the cluster's CPUs and GPUs hold at once."""
         if jobs is not None:
             if jobs < 1:
                 raise ValueError(f"jobs must be 1 or more, got {jobs}")
@@ -242,7 +242,9 @@ class RayBackend:
         import ray
 
         total = ray.cluster_resources()
-        fit = total.get("GPU", 0) / self.gpus if self.gpus else total.get("CPU", 0) / self.cpus
+        fit = total.get("CPU", 0) / self.cpus
+        if self.gpus:
+            fit = min(fit, total.get("GPU", 0) / self.gpus)
         return [None] * max(1, int(fit + 1e-9))
 
     def start(self, job: dict, *, env: dict[str, str], log: IO[str]) -> RayWorker | Refused:
