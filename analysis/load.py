@@ -23,6 +23,15 @@ from harness.core.schema import flatten
 HISTORY_KEYS = ("rewards/margins", "train/loss", "eval/margin_shift_mean")
 
 
+def latest_per_step(history: list) -> list:
+    """One point per step, the latest logged: a variant retried on Ray after a lost node logs its steps again
+    into the same run, and its last attempt is the one that counts."""
+    latest = {}
+    for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        latest[m.step] = m
+    return list(latest.values())
+
+
 class StudyError(LookupError):
     """The grid or run asked for is not in the store; the message says what is."""
 
@@ -118,8 +127,8 @@ def load_study(target: str, results_dir: Path) -> Study:
             if frame is not None:
                 pair_frames.append(frame)
             for key in HISTORY_KEYS:
-                for m in client.get_metric_history(rid, key):
-                    hist.append({"run_id": rid, "key": key, "step": m.step, "value": m.value})
+                hist.extend({"run_id": rid, "key": key, "step": m.step, "value": m.value}
+                            for m in latest_per_step(client.get_metric_history(rid, key)))
     runs_df = pd.DataFrame(meta, dtype=object)  # object: an int param stays an int next to a missing one
     metrics_df = pd.DataFrame(metric_rows).set_index("run_id")
     pairs_df = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame(columns=["run_id"])

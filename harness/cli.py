@@ -3,10 +3,12 @@
     python -m harness plan configs/two_round.yaml       # expanded variants, ids, steps (no torch import)
     python -m harness validate configs/two_round.yaml   # every config error at once; --deep loads models too
     python -m harness run configs/two_round.yaml        # train every variant, tracked in MLflow
+    python -m harness run GRID --executor ray --tracking-uri http://127.0.0.1:5000   # variants as Ray tasks
     python -m harness search configs/search_beta_lr.yaml  # Optuna search over beta and learning rate
     python -m harness report two_round                  # results/two_round/report.md + figures, from MLflow
     python -m harness evaluate smollm2-135m-instruct    # margins of a model (or a finished run) on eval pairs
     python -m harness ui two_round                      # MLflow UI on 127.0.0.1, opened on the grid's variants
+    python -m harness server                            # MLflow tracking server for workers on other machines
     python -m harness metrics                           # what every measured metric means (markdown table)
     python -m harness cache-model                       # materialise SmolLM2-135M-Instruct once
 
@@ -104,15 +106,18 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _preflight(grid) -> list[str]:
-    return _preflight_variants(grid.path, grid.variants)
+def _preflight(grid, backend=None) -> list[str]:
+    return _preflight_variants(grid.path, grid.variants, backend)
 
 
-def _preflight_variants(path, variants) -> list[str]:
+def _preflight_variants(path, variants, backend=None) -> list[str]:
     from experiments.common import pick_device
     from harness import preflight
 
-    errors = preflight.check_variants(path, variants, pick_device())
+    # On Ray the variants train on the cluster's devices: a CPU if no GPU is asked for, else one this machine
+    # cannot check (the precision is then checked by each worker on its own device).
+    device = pick_device() if backend is None else ("cpu" if not backend.gpus else None)
+    errors = preflight.check_variants(path, variants, device)
     if errors:
         _say(f"{len(errors)} problem(s) found before training (nothing was trained):", file=sys.stderr)
         for line in errors:
@@ -138,13 +143,62 @@ def _bad_worker_environment(command: str) -> bool:
     return bool(problems)
 
 
+def _tracking(args, command: str) -> bool:
+    """--tracking-uri (else MLFLOW_TRACKING_URI, else the results folder's sqlite store); an HTTP server is asked
+    whether it answers before anything starts. False (said on stderr) if it does not."""
+    from harness.core.tracking import redact
+    from harness.server import health
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        problem = health(uri)
+        if problem:
+            print(f"{command}: cannot reach the MLflow tracking server at {redact(uri)}: {problem}; start one with "
+                  f"`python -m harness server` (nothing was run)", file=sys.stderr)
+            return False
+    return True
+
+
+def _executor_flags_misused(args, command: str) -> bool:
+    if args.executor == "ray":
+        if args.gpus_per_variant is not None and args.gpus_per_variant < 0 or args.cpus_per_variant <= 0 \
+                or args.max_retries < 0:
+            print(f"{command}: --gpus-per-variant takes 0 or more, --cpus-per-variant more than 0, --max-retries 0 "
+                  f"or more (nothing was run)", file=sys.stderr)
+            return True
+        return False
+    given = [flag for flag, value in (("--address", args.address), ("--gpus-per-variant", args.gpus_per_variant))
+             if value is not None]
+    if given:
+        print(f"{command}: {', '.join(given)}: only with --executor ray (nothing was run)", file=sys.stderr)
+        return True
+    return False
+
+
+def _open_backend(args, results: Path, command: str):
+    """(backend, None) for --executor ray (None for local), or (None, exit code) when Ray cannot be used."""
+    if args.executor != "ray":
+        return None, None
+    from harness.ray_backend import BackendError, RayBackend
+
+    try:
+        backend = RayBackend(results, address=args.address, gpus_per_variant=args.gpus_per_variant,
+                             cpus_per_variant=args.cpus_per_variant, max_retries=args.max_retries)
+        return backend.open(), None
+    except BackendError as e:
+        print(f"{command}: {e} (nothing was run)", file=sys.stderr)
+        return None, EXIT_BAD_INPUT
+
+
 def cmd_run(args) -> int:
     if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
         print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
               f"(leave it out for one per GPU, else 1)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if _bad_worker_environment("run"):
+    if _bad_worker_environment("run") or _executor_flags_misused(args, "run"):
         return EXIT_BAD_INPUT
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # the Session, its workers and the checks read it
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
@@ -159,19 +213,28 @@ def cmd_run(args) -> int:
         return EXIT_BAD_INPUT
     from harness.core.runs import check_store
 
+    if not _tracking(args, "run"):
+        return EXIT_BAD_INPUT
     # a damaged store is said before the models load (default_tracking_uri would create the folder)
     check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
-    if _preflight(grid):
-        return EXIT_BAD_INPUT
-    import logging
+    backend, rc = _open_backend(args, results, "run")
+    if rc is not None:
+        return rc
+    try:
+        if _preflight(grid, backend):
+            return EXIT_BAD_INPUT
+        import logging
 
-    from harness.executor import run_grid
+        from harness.executor import run_grid
 
-    # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
-    # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
+        # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-    return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv)
+        return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv, backend=backend)
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def _store_lost(results: Path) -> str | None:
@@ -215,8 +278,10 @@ def cmd_search(args) -> int:
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         print("search: --workers and --trials take a positive integer", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if _bad_worker_environment("search"):
+    if _bad_worker_environment("search") or _executor_flags_misused(args, "search"):
         return EXIT_BAD_INPUT
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:
         spec = load_search(args.file)
     except GridError as e:
@@ -224,11 +289,20 @@ def cmd_search(args) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if _preflight_variants(args.file, [spec_variant(spec)]):
+    if not _tracking(args, "search"):
         return EXIT_BAD_INPUT
-    search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
-                    storage_url=args.storage, argv=sys.argv)
-    rc = search.run()
+    backend, rc = _open_backend(args, _results_dir(args), "search")
+    if rc is not None:
+        return rc
+    try:
+        if _preflight_variants(args.file, [spec_variant(spec)], backend):
+            return EXIT_BAD_INPUT
+        search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
+                        storage_url=args.storage, argv=sys.argv, backend=backend)
+        rc = search.run()
+    finally:
+        if backend is not None:
+            backend.close()
     if args.export and rc != 130:
         try:
             print(f"exported the best trial(s) to {export_grid(search.study, spec, Path(args.export))}")
@@ -388,6 +462,12 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def cmd_server(args) -> int:
+    from harness.server import serve
+
+    return serve(_results_dir(args), host=args.host, port=args.port, workers=args.workers)
+
+
 def cmd_metrics(args) -> int:
     from harness.core.metrics import markdown_table
 
@@ -423,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
     s.add_argument("--yes", action="store_true", help=f"run a grid of more than {LARGE_GRID} variants")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
+    _add_executor_flags(s)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("search", help="Optuna search over any variant field (beta, learning rate, rank, ...)",
@@ -437,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: a journal file results/search/<name>.journal)")
     s.add_argument("--export", help="write a grid that reproduces the best trial(s) here")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
+    _add_executor_flags(s)
     s.set_defaults(fn=cmd_search)
 
     s = sub.add_parser("report", help="write results/<grid>/report.md and figures from the logged runs",
@@ -472,6 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_ui)
 
+    s = sub.add_parser("server", help="MLflow tracking server over the results store, for Ray workers",
+                       epilog="example: python -m harness server --port 5000 & python -m harness run GRID "
+                       "--executor ray --tracking-uri http://127.0.0.1:5000")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for workers on other machines, with a warning)")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
+    s.add_argument("--results", help="results folder whose mlflow.db and artifacts/ it serves (default: results/)")
+    s.set_defaults(fn=cmd_server)
+
     s = sub.add_parser("metrics", help="the metric catalogue: every measured metric, its meaning and direction")
     s.set_defaults(fn=cmd_metrics)
 
@@ -480,11 +572,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_executor_flags(s) -> None:
+    s.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 from `harness server` "
+                   "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
+    s.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (default); ray: one Ray task per variant (pip install -e "
+                   "\".[ray]\"; needs an HTTP --tracking-uri)")
+    s.add_argument("--address", help="ray: the cluster (auto: the one `ray start` runs on this machine; HOST:PORT; "
+                   "ray://HOST:PORT); default $RAY_ADDRESS, else a local instance on 127.0.0.1")
+    s.add_argument("--gpus-per-variant", type=float, help="ray: GPUs per variant, fractions pack several on one GPU "
+                   "(default 1 if the cluster has GPUs, else 0)")
+    s.add_argument("--cpus-per-variant", type=float, default=1.0, help="ray: CPUs per variant, also its torch "
+                   "threads (default 1)")
+    s.add_argument("--max-retries", type=int, default=3, help="ray: retries of a variant whose process or node is "
+                   "lost; it trains again from step 0 into the same run (default 3)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from harness.core.runs import DiskFullError, StoreError
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file otherwise
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" link per run ended over HTTP
     try:
         return args.fn(args)
     except DiskFullError as e:  # not bad input: the same command works once there is space

@@ -14,6 +14,9 @@ trial's variant at a time. Within a session:
   failed stage are not run. Ctrl-C / SIGTERM end the running variants as KILLED.
 - One variant per GPU when there are several; one at a time otherwise (`jobs` for more, the CPU's cores split
   between them). Workers are forked from a warm server that imported torch & co once (harness.spawn).
+- Or, given a `backend` (harness.ray_backend: `--executor ray`), each variant is a task on a Ray cluster; the
+  backend decides how many run at once and hands back the same kind of worker object, so everything above
+  holds there too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import yaml
 
@@ -44,6 +47,16 @@ from harness.progress import Progress, outcome_line, summary_table
 from harness.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
+
+
+class Backend(Protocol):
+    """Where variants run when not in processes on this machine (harness.ray_backend.RayBackend)."""
+
+    name: str  # tagged on every run (harness.executor)
+
+    def slots(self, jobs: int | None) -> list: ...  # one entry per variant that may run at once
+
+    def start(self, job: dict, *, env: dict[str, str], log: TextIO) -> spawn.Worker: ...
 
 
 @dataclass
@@ -131,7 +144,7 @@ class Session:
     def __init__(self, experiment: str, results_dir: Path, *, parent_name: str | None = None,
                  kind: str = R.KIND_GRID, parent_tags: dict | None = None, parent_params: dict | None = None,
                  parent_files: dict[str, str] | None = None, force: bool = False, jobs: int | None = None,
-                 stream: TextIO | None = None, reuse_parent: str | None = None):
+                 stream: TextIO | None = None, reuse_parent: str | None = None, backend: Backend | None = None):
         self.experiment_name = experiment
         self.results_dir = results_dir.resolve()
         self.runs_dir = self.results_dir / "runs"
@@ -154,8 +167,9 @@ class Session:
         self.finished: dict[str, str] = {}
         self.reuse_parent = reuse_parent  # continue this parent run (a resumed search) instead of a new one
         self.child_tags: dict[str, dict] = {}  # variant id -> extra tags for its run (a search's trial number)
-        self._slots = _slots(jobs)
-        self._threads = _threads_per_slot(self._slots)
+        self.backend = backend  # None: worker processes on this machine (harness.spawn)
+        self._slots = backend.slots(jobs) if backend is not None else _slots(jobs)
+        self._threads = None if backend is not None else _threads_per_slot(self._slots)
         self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once
         self._waiting: set[str] = set()  # variants another runner is training (said once each)
         self._opened_ms = 0
@@ -173,7 +187,8 @@ class Session:
             self.close(crashed=exc_type is not None)
 
     def _base_tags(self) -> dict:
-        return {R.TAG_GRID: self.experiment_name, **provenance.tags()}
+        executor = self.backend.name if self.backend is not None else "local"
+        return {R.TAG_GRID: self.experiment_name, R.TAG_EXECUTOR: executor, **provenance.tags()}
 
     def open(self) -> Session:
         try:
@@ -324,7 +339,10 @@ class Session:
         if self._threads and spawn.THREADS_ENV not in os.environ:
             env[spawn.THREADS_ENV] = str(self._threads)
         try:
-            proc = spawn.start(job_path, env=env, log=log, keep_fds=(self.claims.fd(v.id),))  # claim: while it runs
+            if self.backend is not None:  # the claim stays with this runner until _finish releases it
+                proc = self.backend.start(job, env=env, log=log)
+            else:
+                proc = spawn.start(job_path, env=env, log=log, keep_fds=(self.claims.fd(v.id),))  # claim: while it runs
         except BaseException:
             log.close()
             raise
@@ -596,9 +614,9 @@ class Session:
 
 
 def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,
-             stream: TextIO | None = None, argv: list[str] | None = None) -> int:
+             stream: TextIO | None = None, argv: list[str] | None = None, backend: Backend | None = None) -> int:
     """Every variant of a grid under one parent run. Returns the exit code."""
-    session = Session(grid.name, results_dir, force=force, jobs=jobs, stream=stream,
+    session = Session(grid.name, results_dir, force=force, jobs=jobs, stream=stream, backend=backend,
                       parent_tags={R.TAG_VARIANT_COUNT: len(grid.variants), R.TAG_ARGV: " ".join(argv or [])},
                       parent_params={"grid": grid.name, "variants": len(grid.variants)},
                       parent_files={f"grid/{grid.path.name}": grid.path.read_text()})

@@ -20,7 +20,9 @@ def check(grid: Grid, device: str) -> list[str]:
     return check_variants(grid.path, grid.variants, device)
 
 
-def check_variants(path, variants: list[Variant], device: str) -> list[str]:
+def check_variants(path, variants: list[Variant], device: str | None) -> list[str]:
+    """Every problem found before training; `device` None: the variants train on devices this machine cannot
+    see (a Ray cluster's GPUs), so their precision is left to each worker to check."""
     errors: list[str] = []
     skeletons: dict[str, object] = {}
     tokenizers: dict[str, object] = {}
@@ -28,7 +30,8 @@ def check_variants(path, variants: list[Variant], device: str) -> list[str]:
     for v in variants:
         spec, where = v.spec, f"{path}: {v.source}"
         try:
-            common.resolve_precision(spec.train.precision, device)
+            if device is not None:
+                common.resolve_precision(spec.train.precision, device)
         except common.VariantError as e:
             errors.append(f"{where}: {e}")
         name = spec.base_model

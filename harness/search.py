@@ -388,7 +388,7 @@ class Search:
 
     def __init__(self, spec: SearchSpec, results_dir: Path, *, trials: int | None = None, workers: int = 1,
                  timeout: float | None = None, storage_url: str | None = None, force: bool = False,
-                 stream: TextIO | None = None, argv: list[str] | None = None):
+                 stream: TextIO | None = None, argv: list[str] | None = None, backend=None):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -402,6 +402,7 @@ class Search:
         self.study = open_study(spec, self.storage)
         self.force = force
         self.argv = argv or []
+        self.backend = backend  # None: trials run as processes here; else a Session backend (Ray)
         self.running: dict[str, list[_Running]] = {}  # variant id -> trials waiting for it, oldest first
         self.asked = 0
         self.started = 0.0
@@ -487,6 +488,7 @@ class Search:
         space = {d.key: {d.kind: list(d.values)} for d in self.spec.space}
         self.session = Session(
             self.spec.name, self.results_dir, kind=R.KIND_SEARCH, jobs=self.workers, stream=self.stream,
+            backend=self.backend,
             force=self.force, parent_name=f"{self.spec.name} (search)", reuse_parent=parent_id,
             parent_tags={R.TAG_STUDY: self.spec.name, R.TAG_STORAGE: self.storage_text, R.TAG_ARGV: " ".join(self.argv)},
             parent_params={"study": self.spec.name, "sampler": self.spec.sampler, "pruner": self.spec.pruner,

@@ -1,7 +1,9 @@
 """One variant in its own process (started by harness.spawn): `python -m harness.worker JOB.json`.
 
 The job file names the variant, its method's registry record (so a method registered at run time, by a
-plugin or a test, trains here too), the MLflow run to log into and the output folder. Progress events go
+plugin or a test, trains here too), the MLflow run to log into and the output folder; from a Ray task
+(harness.ray_backend) also where to upload the run's artifacts through the tracking server and which attempt
+this is. Progress events go
 to stdout as `@@harness {json}` lines; everything else the libraries print goes to the log. Exit codes:
 0 finished, 1 failed (reason in error.json, traceback logged), 130 interrupted.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -19,6 +22,9 @@ PREFIX = "@@harness "
 # The store's URI reaches the worker in its environment, never in the job file (it may hold a password).
 TRACKING_URI_ENV = "HARNESS_TRACKING_URI"
 THREADS_ENV = "HARNESS_THREADS"  # torch threads for this worker (set by the executor when variants share the CPU)
+# Set by a parent that is not the executor (a Ray task): the worker dies with that parent, so a lost or cancelled
+# task leaves no orphan training on (and logging into its run) while a retry trains again.
+PARENT_PID_ENV = "HARNESS_PARENT_PID"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -32,9 +38,28 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (named in HARNESS_PARENT_PID) exits, and exit now if it
+    already has. Elsewhere the step-end check in experiments.common (parent pid changed) still stops it."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(expected):  # the parent died before the line above took effect
+        os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str], start: str = "exec") -> int:
+    # A parent may have these blocked, and a blocked mask is inherited (a Ray task's thread has them blocked):
+    # the executor's stop request must reach this process.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +73,8 @@ def main(argv: list[str], start: str = "exec") -> int:
         methods.register(methods.Method.from_json(job["method"]))
     variant = Variant.from_json(job["variant"])
     uri = os.environ.get(TRACKING_URI_ENV) or job.get("tracking_uri")
-    tracker = MlflowTracker(uri, job["run_id"]) if job.get("run_id") and uri else NullTracker()
+    tracker = (MlflowTracker(uri, job["run_id"], artifact_uri=job.get("artifact_uri")) if job.get("run_id") and uri
+               else NullTracker())
     step = {"step": 0}
 
     def emit(**event):
@@ -66,7 +92,9 @@ def main(argv: list[str], start: str = "exec") -> int:
         device = job.get("device") or common.pick_device()
         precision = common.resolve_precision(variant.spec.train.precision, device)
         tags = {R.TAG_DEVICE: device, R.TAG_PRECISION: precision, R.TAG_THREADS: torch.get_num_threads(),
-                R.TAG_WORKER_START: start}
+                R.TAG_WORKER_START: start, R.TAG_WORKER_HOST: socket.gethostname()}
+        if job.get("attempt"):
+            tags[R.TAG_ATTEMPT] = job["attempt"]
         if device == "cuda":
             tags[R.TAG_GPU] = torch.cuda.get_device_name()
         tracker.set_tags(tags)

@@ -122,11 +122,20 @@ NullTracker = Tracker
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, uri: str, run_id: str):
+    """Logs into one run of the store at `uri`. `artifact_uri`, when given, is where this process writes the
+    run's artifacts instead of the run's own location: a worker on another machine uploads through the
+    tracking server (`mlflow-artifacts:/...`) what a local one writes straight into results/artifacts."""
+
+    def __init__(self, uri: str, run_id: str, artifact_uri: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self.repo = None
+        if artifact_uri:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            self.repo = get_artifact_repository(artifact_uri, tracking_uri=uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -152,18 +161,32 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
+        target = self.repo or self.client
+        args = () if self.repo else (self.run_id,)
         if path.is_dir():
-            retry(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path), "log artifacts")
+            retry(lambda: target.log_artifacts(*args, str(path), artifact_path), "log artifacts")
         else:
-            retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log artifact")
+            retry(lambda: target.log_artifact(*args, str(path), artifact_path), "log artifact")
 
     def log_dict(self, data: Any, name: str) -> None:
         self.log_text(json.dumps(data, indent=1, default=str), name)
 
     def log_text(self, text: str, name: str) -> None:
-        retry(lambda: self.client.log_text(self.run_id, redact(text), name), "log text")
+        if self.repo is None:
+            retry(lambda: self.client.log_text(self.run_id, redact(text), name), "log text")
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the repository uploads files: write the text as one
+            local = Path(tmp) / Path(name).name
+            local.write_text(redact(text), encoding="utf-8")
+            folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
+            retry(lambda: self.repo.log_artifact(str(local), folder), "log text")
 
     def log_table(self, data: Any, name: str) -> None:
         """A pandas DataFrame as an MLflow table (`name` ends in .json): the UI's Evaluation view lists it and
-        compares it across runs."""
+        compares it across runs. Through an artifact repository (a tracking server), the same JSON as a file."""
+        if self.repo is not None:
+            self.log_text(data.to_json(orient="split", index=False), name)
+            return
         retry(lambda: self.client.log_table(self.run_id, data=data, artifact_file=name), "log table")

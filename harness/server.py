@@ -1,0 +1,153 @@
+"""One MLflow tracking server over the harness store, for workers on several machines (`--executor ray`).
+
+    python -m harness server [--port 5000] [--results results] [--host 127.0.0.1]
+    python -m harness run GRID --executor ray --tracking-uri http://127.0.0.1:5000
+
+It runs `mlflow server` with the store a local run uses (`sqlite:///<results>/mlflow.db`) and serves artifacts
+(`--serve-artifacts --artifacts-destination <results>/artifacts`): every worker's writes go through it over
+HTTP — one process writing the sqlite file, which several machines could not safely share — and a worker
+on another node needs no shared disk. Runs tracked through it are the runs `harness report` and `harness ui`
+read from results/. It binds 127.0.0.1 unless --host says otherwise (with a warning: MLflow has no
+authentication here). Ctrl-C or SIGTERM stops the server's whole process tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def health(uri: str, timeout: float = 5.0) -> str | None:
+    """None if an MLflow server answers at `uri` (any HTTP answer), else why not. Credentials in the URL are
+    not sent; MLflow's client would retry an unreachable server for minutes before saying so."""
+    parsed = urlparse(uri)
+    netloc = parsed.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    url = urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/") + "/health", "", "", ""))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: a server is there (auth or an older MLflow without /health)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return str(getattr(reason, "strerror", None) or reason)
+
+
+def command(results: Path, host: str, port: int, workers: int) -> list[str]:
+    results = results.resolve()
+    return [sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{results / 'mlflow.db'}",
+            "--serve-artifacts", "--artifacts-destination", str(results / "artifacts"),
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+
+
+def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 2,
+          ready_timeout: float = 180.0) -> int:
+    """Start the server, say when it answers, and run until interrupted. Exit code 2 for a port in use or a
+    damaged store, 130 on Ctrl-C/SIGTERM, else the server's own."""
+    from harness.core.runs import StoreError, check_store
+
+    results = results.resolve()
+    try:
+        check_store(f"sqlite:///{results / 'mlflow.db'}")
+    except StoreError as e:
+        print(f"server: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    taken = port_taken(host, port)
+    if taken:
+        print(f"server: cannot listen on {host}:{port}: {taken}; pick another with --port", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if host not in LOOPBACK:
+        print(f"server: warning: listening on {host}: anyone who can reach port {port} of this machine can read "
+              f"and change every run (this MLflow server has no authentication); use it on a trusted network only",
+              file=sys.stderr)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "artifacts").mkdir(exist_ok=True)
+    # Job execution (MLflow's GenAI job runner, seven extra processes) is not used by harness.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    print(f"server: starting MLflow on {url} (store {results / 'mlflow.db'}, artifacts {results / 'artifacts'})",
+          file=sys.stderr, flush=True)
+    # The server is a tree (mlflow, uvicorn and its workers): a process group of its own, stopped as a whole.
+    proc = subprocess.Popen(command(results, host, port, workers), env=env, start_new_session=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        local = url if host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + ready_timeout
+        while health(local, timeout=2.0) is not None:
+            if proc.poll() is not None:
+                return proc.returncode or 1
+            if time.monotonic() > deadline:
+                print(f"server: MLflow did not answer on {url} within {ready_timeout:g} s; stopping it",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print(f"server: ready on {url}; track runs there with --tracking-uri {url} (or MLFLOW_TRACKING_URI={url}); "
+              f"Ctrl-C to stop", file=sys.stderr, flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_group(proc)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None (SO_REUSEADDR, as the server binds)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"unknown host ({e.strerror or e})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by `proc`, wait for every member to be gone, SIGKILL what is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap our own child, or its zombie would count as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
