@@ -480,21 +480,26 @@ def describe_length(split: LengthSplit | None, est: Estimate) -> str | None:
             f"nats. ")
     if est.covers_zero:
         return text + "The shift itself is not distinguishable from zero, so neither share of it is said."
-    same_sign = L.mean * est.mean > 0 and P.mean * est.mean > 0
-    if P.covers_zero and not L.covers_zero and L.mean * est.mean > 0:
-        text += (f"The shift is length: per token, chosen gained no more than rejected (that part is not "
-                 f"distinguishable from zero); the summed margin moved because both sides changed by similar amounts "
-                 f"per token and the {longer} completions have more tokens to change.")
-    elif L.covers_zero and not P.covers_zero and P.mean * est.mean > 0:
+    l_with, p_with = L.mean * est.mean > 0, P.mean * est.mean > 0  # pushes the same way as the whole shift
+    toward = "chosen" if est.mean > 0 else "rejected"
+    if P.covers_zero and not L.covers_zero and l_with:
+        text += (f"The shift is length: per token, chosen and rejected changed by amounts not distinguishable "
+                 f"from each other; the summed margin moved because the {longer} completions have more tokens to "
+                 f"change.")
+    elif L.covers_zero and not P.covers_zero and p_with:
         text += ("Length accounts for little of it (not distinguishable from zero): per token, chosen gained "
                  + ("more" if P.mean > 0 else "less") + " than rejected.")
-    elif same_sign:
+    elif l_with and p_with:
         text += f"Length accounts for {L.mean / est.mean:.0%} of the mean shift, the per-token part for the rest."
+    elif l_with:
+        other = "rejected" if toward == "chosen" else "chosen"
+        text += (f"Length is more than all of it ({L.mean / est.mean:.0%} of the mean shift): per token, {other} "
+                 f"gained more than {toward}" + (" (not distinguishable from zero)" if P.covers_zero else "")
+                 + f", so the margin moved toward {toward} only because the {longer} completions are longer"
+                 + ("." if P.covers_zero else "; at equal lengths it would have moved the other way."))
     else:
-        text += ("They pull in opposite directions: "
-                 + ("length pushed the margin " + ("up" if L.mean > 0 else "down") + " and the per-token part "
-                    + ("up" if P.mean > 0 else "down") + ", so the summed shift understates what moved per token."
-                    if L.mean * P.mean < 0 else "the summed shift is their sum."))
+        text += (f"Per token the margin moved toward {toward} ({P.mean / est.mean:.0%} of the mean shift); the "
+                 f"length difference pulled the other way, so the summed shift understates the per-token change.")
     return text
 
 

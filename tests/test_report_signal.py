@@ -99,6 +99,17 @@ def test_length_and_per_token_parts_add_up_to_the_shift_on_every_pair():
     assert f"Length accounts for {share} of the mean shift" in _text(study, "mixed")
 
 
+def test_a_shift_that_is_more_than_all_length_says_per_token_went_the_other_way():
+    # what lora_sft did on SmolLM2: both sides rose, rejected a little more per token, chosen is longer
+    frame = _pairs("", LONG, SHORT, RNG.normal(0.04, 0.002, N_PAIRS), RNG.normal(0.05, 0.002, N_PAIRS), BEFORE)
+    study = _study([({"name": "over", "method": "lora_sft"}, frame)])
+    split = report.length_split(_groups(study)["over"], study.pairs)
+    assert frame["margin_shift"].mean() > 0 and split.per_token.hi < 0 < split.length.mean
+    text = _text(study, "over")
+    assert "Length is more than all of it" in text and "per token, rejected gained more than chosen" in text
+    assert "at equal lengths it would have moved the other way" in text
+
+
 def test_equal_lengths_leave_nothing_to_length_and_a_dpo_like_sft_row_is_not_called_imitation():
     # chosen rises, rejected falls, same length: per-token preference only
     frame = _pairs("", LONG, LONG, 0.05, -0.05, BEFORE)
