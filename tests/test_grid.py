@@ -46,12 +46,41 @@ def test_two_round_is_the_study(tmp_path):
         assert spec.base_model == "smollm2-135m-instruct"
 
 
-def test_lora_scope_has_the_ladder():
+def test_lora_scope_is_the_studys_supervised_ladder():
     grid = load_grid(ROOT / "configs" / "lora_scope.yaml")
-    targets = [v.spec.lora.targets for v in grid.variants if v.spec.method == "dpo_lora"]
-    assert targets == ["qv", "qkvo", "all-linear", "all-linear-last-half"]
-    assert {v.spec.method for v in grid.variants} == {"dpo_lora", "partial_ft", "sft"}
-    assert len({v.spec.data.size for v in grid.variants}) == 1  # same data for every rung
+    specs = [v.spec for v in grid.variants]
+    lora = [s for s in specs if s.method == "lora_sft"]
+    assert [s.lora.targets for s in lora] == ["qv", "qkvo", "all-linear", "all-linear-last-half"]
+    assert {(s.lora.rank, s.lora.alpha) for s in lora} == {(4, 8)}
+    assert [s.method for s in specs[len(lora):]] == ["partial_ft", "sft"]
+    assert next(s for s in specs if s.method == "partial_ft").partial_ft.layers == "last_half"
+    assert not any(s.method_record.uses("dpo") for s in specs)  # supervised on every rung: no DPO here
+    assert len({(s.data.size, s.data.train, s.train.epochs) for s in specs}) == 1  # same data for every rung
+
+
+def test_lora_scope_dpo_is_the_same_ladder_through_dpo():
+    sft = load_grid(ROOT / "configs" / "lora_scope.yaml").variants
+    dpo = load_grid(ROOT / "configs" / "lora_scope_dpo.yaml").variants
+    assert [v.spec.lora.targets for v in dpo if v.spec.method == "dpo_lora"] == [
+        v.spec.lora.targets for v in sft if v.spec.method == "lora_sft"]
+    assert [v.spec.method for v in dpo] == ["dpo_lora"] * 4 + ["partial_ft", "sft"]
+    # the full-rank rungs are the same variants in both ladders (same fields, same ids)
+    assert [v.id for v in dpo[4:]] == [v.id for v in sft[4:]]
+
+
+def test_sft_then_dpo_puts_two_dpo_rounds_on_an_sft_stage():
+    grid = load_grid(ROOT / "configs" / "sft_then_dpo.yaml")
+    by_name = {v.spec.name: v for v in grid.variants}
+    stage = by_name["sft_qv"]
+    assert stage.spec.method == "lora_sft" and stage.parent_id is None and stage.id in grid.stage_ids
+    # the stage is the baseline rung of the supervised ladder: same fields, so the same variant id
+    ladder = {v.spec.name: v for v in load_grid(ROOT / "configs" / "lora_scope.yaml").variants}
+    assert stage.id == ladder["lora_qv"].id
+    rounds = {n: by_name[n].spec for n in ("round1", "round2")}
+    assert {(s.method, s.from_) for s in rounds.values()} == {("dpo_lora", "sft_qv")}
+    assert {by_name[n].parent_id for n in rounds} == {stage.id}
+    assert [(s.data.size, s.train.epochs) for s in rounds.values()] == [(4, 1), (12, 2)]
+    assert "from" not in stage.run_name  # a variant with no stage gets no `fromNone` in its name
 
 
 def test_unknown_key_suggests(grid_file):

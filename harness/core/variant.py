@@ -115,7 +115,7 @@ def run_name(spec: VariantSpec, varying: set[str]) -> str:
     parts += [(key, f"{prefix}{fmt_value(flat[key])}") for key, prefix in method.name_parts]
     shown = _ALWAYS_SHOWN | {key for m in methods.all_methods() for key, _ in m.name_parts}
     for key in sorted(varying - shown):
-        if key in flat:
+        if flat.get(key) is not None:  # unset here (no `from:`, no modules regex): nothing to tell apart by
             parts.append((key, f"{_SHORT_KEYS.get(key, key.split('.')[-1])}{fmt_value(flat[key])}"))
     ordered = [text for key, text in parts if key in varying] + [text for key, text in parts if key not in varying]
     label = "·".join(ordered)
