@@ -13,10 +13,8 @@ authentication here). Ctrl-C or SIGTERM stops the server's whole process tree.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
+
+from harness.ui import port_taken, stop_group  # the same checks and stop as `harness ui`
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -115,39 +115,3 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
-
-def port_taken(host: str, port: int) -> str | None:
-    """Why (host, port) cannot be listened on, or None (SO_REUSEADDR, as the server binds)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        return f"unknown host ({e.strerror or e})"
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError as e:
-            return "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-    return None
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by `proc`, wait for every member to be gone, SIGKILL what is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child, or its zombie would count as a member
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
