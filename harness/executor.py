@@ -511,7 +511,7 @@ class Session:
                   f"{len(pending)} to run — tracking {self.store.uri_for_display()} "
                   f"(experiment {self.experiment_name!r})", file=out, flush=True)
 
-        if pending or next_variant is not None:
+        if self.backend is None and (pending or next_variant is not None):
             spawn.warm_up()  # the workers' server imports torch & co while the first variant's run is created
         free = list(range(len(self._slots)))
         active: dict[str, Active] = {}
