@@ -34,9 +34,9 @@ AXES_ORDER = ("method", "base_model", "data.size", "train.epochs", "dpo.beta", "
               "data.eval")
 CURVE_AXES = ("dpo.beta", "data.size", "train.epochs", "lora.rank")
 AXIS_WORDS = {"method": "method", "base_model": "base model", "data.size": "data size", "train.epochs": "epochs",
-              "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
+              "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha", "from": "starting stage",
               "lora.targets": "LoRA targets (scope)", "partial_ft.layers": "trained layers",
-              "train.learning_rate": "learning rate", "from": "starting stage (reference)"}
+              "train.learning_rate": "learning rate"}
 FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png")
 # what the summary table's columns show, in order (meanings come from the metric catalogue)
 SUMMARY_METRICS = ("eval/margin_shift_mean", "eval/accuracy_after", "eval/chosen_shift_mean",
