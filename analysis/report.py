@@ -37,7 +37,7 @@ AXES_ORDER = ("method", "base_model", "data.size", "train.epochs", "dpo.beta", "
               "data.eval")
 CURVE_AXES = ("dpo.beta", "data.size", "train.epochs", "lora.rank")
 AXIS_WORDS = {"method": "method", "base_model": "base model", "data.size": "data size", "train.epochs": "epochs",
-              "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
+              "dpo.beta": "beta", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha", "from": "starting stage",
               "lora.targets": "LoRA targets (scope)", "partial_ft.layers": "trained layers",
               "train.learning_rate": "learning rate"}
 FIGURE_NAMES = ("margin_shift.png", "shift_vs_drift.png", "pairs_before_after.png", "training_curves.png",
@@ -169,6 +169,8 @@ def compare(groups: list[Group]) -> list[Comparison]:
             continue  # different evaluation pairs: nothing to pair on
         differs = {k: (a.config[k], b.config[k]) for k in a.config.keys() & b.config.keys()
                    if json.dumps(a.config[k], default=str) != json.dumps(b.config[k], default=str)}
+        if a.get("from") != b.get("from"):  # different references: the shifts start from different models
+            differs["from"] = (a.get("from", "base"), b.get("from", "base"))
         if not differs or (len(groups) > MAX_ALL_PAIRS and len(differs) != 1):
             continue
         table = difference_table(a, b)

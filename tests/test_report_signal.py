@@ -145,6 +145,10 @@ def test_dpo_on_a_stage_is_relative_to_the_stage_and_the_steps_add_up():
     notes = " ".join(report.signal_notes(groups))
     assert "SFT-style rows (lora_sft)" in notes and "for dpo_on_stage, the model of stage sft_stage" in notes
     assert any("measured against that stage's model" in c for c in report.signal_caveats(groups))
+    # a comparison across references says so: `from` differs even though only one side has the field
+    across = next(c for c in report.compare(groups) if {c.a.label, c.b.label} == {"dpo_on_stage", "dpo_on_base"})
+    assert set(across.differs) == {"from"} and "base" in across.differs["from"]
+    assert "### Starting stage" in "\n".join(report.comparison_sections([across]))
 
 
 def test_a_stage_chain_whose_reference_does_not_match_is_flagged():
