@@ -260,7 +260,7 @@ def describe_movement(g: Group) -> list[str]:
         lines.append(f"For scale: the median held-out margin is {fmt(g.scale, signed=False)} nats in size, so the mean "
                      f"shift is {abs(est.mean) / g.scale:.1%} of a typical margin"
                      + (" — detectable, but small next to the preferences the model already had."
-                        if abs(est.mean) < 0.05 * g.scale and not est.covers_zero else "."))
+                        if abs(est.mean) < 0.05 * g.scale and est.significant else "."))
     c_shift, r_shift = m.get("eval/chosen_shift_mean"), m.get("eval/rejected_shift_mean")
     move = (f"Mean change in log-prob: chosen {fmt(c_shift)}, rejected {fmt(r_shift)} nats; both fell on "
             f"{_count(m.get('eval/displaced_frac'), n)} pairs.")
@@ -274,7 +274,7 @@ def describe_movement(g: Group) -> list[str]:
     lines.append(move)
     norm = m.get("eval/norm_margin_shift_mean")
     text = f"Length-normalised (per-token) margin shift: {fmt(norm)} nats/token."
-    if _present(norm) and not est.covers_zero and norm * est.mean < 0:
+    if _present(norm) and est.significant and norm * est.mean < 0:
         gainer = "rejected" if est.mean > 0 else "chosen"
         text += (f" It has the opposite sign to the summed shift: per token, the {gainer} completions gained more, "
                  f"and the summed margin moved because the completions differ "
@@ -284,9 +284,9 @@ def describe_movement(g: Group) -> list[str]:
     if g.train_est is not None and g.train_est.n:
         t = g.train_est
         text = f"**On its own {t.n} training pairs**: {fmt_ci(t)} nats — {t.verdict()}."
-        if not t.covers_zero and t.mean > 0 and est.covers_zero:
+        if not t.covers_zero and t.mean > 0 and not est.significant:
             text += " It moved the pairs it trained on, but that did not carry over measurably to held-out pairs."
-        elif not t.covers_zero and not est.covers_zero and t.mean > 0 and est.mean > 0:
+        elif not t.covers_zero and est.significant and t.mean > 0 and est.mean > 0:
             text += (f" Held-out pairs moved {fmt(est.mean / t.mean, signed=False)}× as far as the training pairs."
                      if t.mean else "")
         lines.append(text)
@@ -486,7 +486,7 @@ def describe_length(split: LengthSplit | None, est: Estimate) -> str | None:
             f"sides' mean per-token change × how much longer chosen is) of {fmt_ci(L)} nats plus a per-token part "
             f"(how much more each chosen token gained than each rejected one × their mean length) of {fmt_ci(P)} "
             f"nats. ")
-    if est.covers_zero:
+    if not est.significant:  # the variant's verdict (Holm-adjusted when the report makes several tests)
         return text + "The shift itself is not distinguishable from zero, so neither share of it is said."
     l_with, p_with = L.mean * est.mean > 0, P.mean * est.mean > 0  # pushes the same way as the whole shift
     toward = "chosen" if est.mean > 0 else "rejected"

@@ -162,6 +162,26 @@ def test_report_pools_seeds_pairs_comparisons_and_adjusts(tmp_path):
     assert "Seed by seed the difference is" in comparisons and "every seed the same way" in comparisons
 
 
+def test_every_sentence_about_a_variant_follows_its_adjusted_verdict(tmp_path):
+    """A shift whose own 95% interval clears zero, but not after Holm's adjustment over the report's 6 tests:
+    no sentence may call it detectable or say which share of it is length."""
+    rng = np.random.default_rng(2)
+
+    def standardised():
+        z = rng.normal(size=32)
+        return (z - z.mean()) / z.std(ddof=1)
+
+    study = synthetic_study({"a": (0.39 + standardised())[None, :], "b": 0.01 * standardised()[None, :],
+                             "c": 0.01 * standardised()[None, :]}, {"a": 4, "b": 8, "c": 12})
+    groups = report.build_groups(study)
+    a = next(g for g in groups if g.label == "a")
+    assert not a.est.covers_zero  # alone, its interval excludes zero
+    text = report.build(study, tmp_path, target="synthetic").read_text()
+    section = text.split("### a\n", 1)[1].split("### ", 1)[0]
+    assert "not distinguishable from zero (p = " in section and "Holm-adjusted" in section
+    assert "detectable" not in section
+
+
 def test_report_of_single_seed_runs_says_the_seed_noise_is_unmeasured(tmp_path):
     rng = np.random.default_rng(1)
     study = synthetic_study({"a": 0.1 + rng.normal(size=(1, 32)), "b": rng.normal(size=(1, 32))}, {"a": 4, "b": 8})
