@@ -22,7 +22,7 @@ def train(ctx: common.RunContext) -> dict:
     tokenizer = common.load_tokenizer(ctx)
     rows = common.prepare_rows(ctx, "preference")
     rows = common.audit_and_log(ctx, rows, tokenizer, "preference")
-    model = common.load_model(ctx, tokenizer, weights_dtype=common.weights_dtype(ctx))
+    model = common.load_model(ctx, tokenizer)
     args = DPOConfig(**common.trainer_args(ctx), beta=ctx.spec.dpo.beta, loss_type=[ctx.spec.dpo.loss_type])
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=common.lora_config(ctx, model),
@@ -34,12 +34,14 @@ def train(ctx: common.RunContext) -> dict:
 
 def supply_reference_logps(trainer, ctx: common.RunContext, baseline) -> bool:
     """Give TRL the reference log-probs the measurement took, row by row; False (TRL computes them per step)
-    when they cannot be matched to every training row or the reuse is switched off."""
+    when they cannot be matched to every training row, the reuse is switched off, or training computes in
+    bf16/fp16 (the measurement's fp32 reference would then differ from the policy's own log-probs at step 0 by
+    the rounding noise, not by 0 as in TRL's own path)."""
     reused = False
     scored = dict(zip((p.index for p in baseline.pairs.get("train", [])), baseline.logps.get("train", []),
                       strict=True))
     dataset = trainer.train_dataset
-    if (refcache.enabled() and not trainer.precompute_ref_logps and len(dataset) == len(ctx.train_indices)
+    if (refcache.enabled() and ctx.precision == "fp32" and not trainer.precompute_ref_logps and len(dataset) == len(ctx.train_indices)
             and all(i in scored for i in ctx.train_indices)):
         # the tokenised dataset keeps the order of the rows it was built from (TRL drops no row the audit kept)
         trainer.train_dataset = (dataset.add_column("ref_chosen_logps", [scored[i][0] for i in ctx.train_indices])

@@ -160,13 +160,25 @@ def reference_of(model):
 
 @contextlib.contextmanager
 def inference(model):
-    """Eval mode and no grad, restoring the training mode afterwards (intermediate evals run mid-training)."""
+    """Eval mode, no grad and the model's own precision, restoring all three afterwards (intermediate evals
+    run mid-training).
+
+    A Trainer with bf16/fp16 has Accelerate replace the model's `forward` by an autocast-wrapped one that stays
+    after training; measured through it, "after" would compute in bf16 while "before" computed in fp32, and the
+    difference would be rounding noise, not training. So the original forward is put back for the measurement
+    and autocast is off: every score is computed in the weights' dtype (fp32 in the harness)."""
     was_training = model.training
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")  # Accelerate's record of the forward it wrapped
+    if wrapped is not None and original is not None:
+        model.forward = original
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(_device(model).type, enabled=False):
             yield
     finally:
+        if wrapped is not None and original is not None:
+            model.forward = wrapped
         model.train(was_training)
 
 

@@ -15,7 +15,7 @@ def train(ctx: common.RunContext) -> dict:
     tokenizer = common.load_tokenizer(ctx)
     rows = common.prepare_rows(ctx, "sft")
     rows = common.audit_and_log(ctx, rows, tokenizer, "sft")
-    model = common.load_model(ctx, tokenizer, weights_dtype=common.weights_dtype(ctx))
+    model = common.load_model(ctx, tokenizer)
     trainer = SFTTrainer(model=model, args=SFTConfig(**common.trainer_args(ctx)),
                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=common.lora_config(ctx, model), callbacks=[common.HarnessCallback(ctx)])

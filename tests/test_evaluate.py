@@ -79,6 +79,7 @@ def test_dpo_margin_shift_times_beta_equals_trl_rewards_margins(tmp_path):
     batch = D.preference_rows([rows[i] for i in idx])
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=n,
                      max_steps=3, learning_rate=1e-2, beta=beta, max_length=256, report_to="none", use_cpu=True,
+                     bf16=False,  # TRL's default is bf16 autocast even on CPU; the measurement computes in fp32
                      save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(batch),
                          processing_class=tok,
@@ -157,3 +158,35 @@ def test_bootstrap_is_deterministic_and_paired():
     assert diff.lo > 0.45 and diff.hi < 0.55
     with pytest.raises(ValueError, match="same pairs"):
         stats.paired_difference(a, a[:5])
+
+
+def test_measurement_computes_in_fp32_through_a_trainers_autocast_wrapper():
+    """A Trainer with bf16 leaves the model's forward wrapped in autocast (Accelerate's prepare); "after" must
+    still compute like "before" did, or the shift would be rounding noise (as it was on an H100)."""
+    from accelerate import Accelerator
+
+    tok = M.tiny_tokenizer()
+    model = M.load_model(M.TINY, vocab_size=len(tok))
+    rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:6]
+    pairs, _ = E.encode_pairs(tok, rows, list(range(6)), "eval", 1024)
+    with E.inference(model):
+        fp32 = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a trainer in an earlier test fixed it to fp32
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapper = model.__dict__.get("forward")
+    assert wrapper is not None and "_original_forward" in model.__dict__  # what a bf16 Trainer leaves behind
+    with torch.no_grad():
+        through_wrapper = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+    # the wrapper does change the numbers: without the fix the measurement would read bf16 noise
+    assert max(abs(a - b) for x, y in zip(fp32, through_wrapper, strict=True) for a, b in zip(x, y)) > 1e-3
+    model.train()
+    with E.inference(model):
+        assert not model.training
+        again = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+    assert again == fp32  # bit for bit: the same fp32 computation
+    assert model.__dict__["forward"] is wrapper and model.training  # training continues as it was
