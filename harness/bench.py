@@ -2,12 +2,13 @@
 
     python -m harness.bench [--model smollm2-135m-instruct] [--out results/benchmarks/throughput.json]
 
-Two workloads, each run both ways with matched settings (DPO through LoRA r=4, alpha=8 on q/v, batch 2, fp32,
-gradient checkpointing off, the same rows of the built-in data, seed 0):
+Two workloads, each run both ways with matched settings (DPO through LoRA r=4, alpha=8 on q/v, batch 2, the same
+precision -- fp32 on a CPU, bf16 on a GPU that has it, as the harness's `precision: auto` picks; `--precision`
+overrides -- gradient checkpointing off, the same rows of the built-in data, seed 0):
 
   single  one variant, 12 pairs x 2 epochs (12 optimiser steps), whole process
   sweep   a beta sweep of 3 variants (0.05, 0.1, 0.5), 4 pairs x 1 epoch (2 steps each); the harness side
-          also once more with --jobs 2 (two variants at once, each on half the cores)
+          also once more with --jobs 2 (two variants at once: each on half the cores, or sharing the one GPU)
 
 "plain" is a generated TRL script per variant (load, train, exit), run one after another; "harness" is
 `python -m harness run` on the equivalent grid in a fresh results folder (so the reference cache starts cold),
@@ -45,12 +46,14 @@ torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(cfg["model"])
 if tok.pad_token is None:
     tok.pad_token = tok.eos_token
+# as the harness does: fp32 weights; bf16 is TRL's autocast over them
 model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32, use_safetensors=True)
 rows = [json.loads(line) for line in open(cfg["data"]) if line.strip()]
 rows = [{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in cfg["indices"]]
 args = DPOConfig(output_dir=cfg["out"], num_train_epochs=cfg["epochs"], per_device_train_batch_size=2,
-                 learning_rate=5e-5, beta=cfg["beta"], bf16=False, fp16=False, gradient_checkpointing=False,
-                 use_cpu=True, seed=0, data_seed=0, logging_steps=1, report_to="none", save_strategy="no",
+                 learning_rate=5e-5, beta=cfg["beta"], bf16=cfg["precision"] == "bf16", fp16=False,
+                 gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), seed=0, data_seed=0,
+                 logging_steps=1, report_to="none", save_strategy="no",
                  max_length=512, dataloader_num_workers=0, disable_tqdm=True)
 trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -67,7 +70,7 @@ defaults:
   method: dpo_lora
   base_model: {model}
   lora: {{rank: 4, alpha: 8, targets: qv}}
-  train: {{learning_rate: 5e-5, batch_size: 2, epochs: {epochs}, precision: fp32}}
+  train: {{learning_rate: 5e-5, batch_size: 2, epochs: {epochs}, precision: {precision}}}
   data: {{size: {size}}}
 variants:
 {variants}
@@ -78,7 +81,7 @@ WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1], "jobs": [1]},
              "sweep": {"size": 4, "epochs": 1, "betas": [0.05, 0.1, 0.5], "jobs": [1, 2]}}
 
 
-def _plain(model_dir: Path, workload: dict, work: Path) -> dict:
+def _plain(model_dir: Path, workload: dict, work: Path, precision: str) -> dict:
     from experiments import data as D
 
     script = work / "plain_dpo.py"
@@ -89,7 +92,7 @@ def _plain(model_dir: Path, workload: dict, work: Path) -> dict:
     runs = []
     for beta in workload["betas"]:
         cfg = {"model": str(model_dir), "data": str(train), "indices": indices, "epochs": workload["epochs"],
-               "beta": beta, "out": str(work / f"plain-{beta}")}
+               "beta": beta, "out": str(work / f"plain-{beta}"), "precision": precision}
         s = time.monotonic()
         proc = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -100,11 +103,11 @@ def _plain(model_dir: Path, workload: dict, work: Path) -> dict:
     return {"wall_seconds": time.monotonic() - t0, "variants": runs}
 
 
-def _harness(model: str, workload: dict, work: Path, name: str, jobs: int = 1) -> dict:
+def _harness(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int = 1) -> dict:
     variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
     grid = work / f"{name}.yaml"
     grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
-                                variants=variants))
+                                variants=variants, precision=precision))
     results = work / f"results-{name}-jobs{jobs}"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
@@ -152,26 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct", help="a model with safetensors weights")
     p.add_argument("--only", choices=sorted(WORKLOADS), help="run one workload")
     p.add_argument("--out", default="results/benchmarks/throughput.json")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="both sides' precision; auto: bf16 on a GPU that supports it, else fp32 (the harness's rule)")
     args = p.parse_args(argv)
+    from experiments import common as C
     from experiments import models as M
+
+    device = C.pick_device()
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and C.bf16_supported(device) else "fp32"
 
     model_dir = M.weights_folder(args.model, Path.cwd())
     if model_dir is None:
         raise SystemExit(f"{args.model}: the benchmark needs a model with weight files (the plain script loads them)")
     report = {"command": "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "model": args.model,
-              "workloads": {}}
+              "device": device, "precision": precision, "workloads": {}}
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         work = Path(tmp)
         for name, w in WORKLOADS.items():
             if args.only and name != args.only:
                 continue
             print(f"{name}: plain TRL ...", file=sys.stderr, flush=True)
-            plain = _plain(model_dir, w, work)
+            plain = _plain(model_dir, w, work, precision)
             for jobs in w["jobs"]:
                 key = name if jobs == 1 else f"{name}_jobs{jobs}"
                 print(f"{key}: harness ...", file=sys.stderr, flush=True)
-                harness = _harness(args.model, w, work, f"bench_{name}", jobs)
+                harness = _harness(args.model, w, work, f"bench_{name}", precision, jobs)
                 report["workloads"][key] = {
                     "description": f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
                                    + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
@@ -183,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                     "measure_share_of_train": (sum(v["measure_seconds"] for v in harness["variants"])
                                                / sum(v["train_seconds"] for v in harness["variants"]))}
                 print(textwrap.indent(json.dumps(report["workloads"][key], indent=1), "  "), file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(f"Recorded {report['date']} on {report['machine']['cpu']} "
-                                      f"({report['machine']['cores']} cores), `{report['command']}`\n\n"
-                                      + markdown(report) + "\n")
+                write(report, Path(args.out))  # after every workload: an interrupted benchmark keeps what it has
     print(markdown(report))
     return 0
+
+
+def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    where = report["machine"]["gpu"] or f"{report['machine']['cpu']} ({report['machine']['cores']} cores)"
+    out.with_suffix(".md").write_text(f"Recorded {report['date']} on {where}, {report['precision']}, "
+                                      f"`{report['command']}`\n\n" + markdown(report) + "\n")
 
 
 if __name__ == "__main__":
