@@ -24,12 +24,9 @@ from experiments import evaluate as E
 from experiments import faults
 from experiments import models as M
 from experiments import refcache
+from experiments.device import VariantError, bf16_supported, pick_device, resolve_precision  # noqa: F401 (common.*)
 from harness.core.tracking import Tracker
 from harness.core.variant import Variant
-
-
-class VariantError(RuntimeError):
-    """A variant cannot run (bad data, bad module names, unsupported precision...); message says why."""
 
 
 class NonFiniteLoss(VariantError):
@@ -52,32 +49,6 @@ class RunContext:
     @property
     def spec(self):
         return self.variant.spec
-
-
-def pick_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def bf16_supported(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device == "cpu"  # CPU autocast supports bf16 (slow but correct); MPS autocast does not train it well
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    """auto -> bf16 on a GPU that supports it, else fp32. Explicit bf16/fp16 where unsupported is an error."""
-    if requested == "auto":
-        return "bf16" if device == "cuda" and bf16_supported(device) else "fp32"
-    if requested == "bf16" and not bf16_supported(device):
-        raise VariantError(f"train.precision: bf16 is not supported on {device}; use precision: auto or fp32")
-    if requested == "fp16" and device != "cuda":
-        raise VariantError(f"train.precision: fp16 mixed precision needs a CUDA GPU, this is {device}; "
-                           f"use precision: auto or fp32")
-    return requested
 
 
 # ---------------------------------------------------------------- data

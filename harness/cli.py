@@ -111,7 +111,7 @@ def _preflight(grid, backend=None) -> list[str]:
 
 
 def _preflight_variants(path, variants, backend=None) -> list[str]:
-    from experiments.common import pick_device
+    from experiments.device import pick_device
     from harness import preflight
 
     # On Ray the variants train on the cluster's devices: a CPU if no GPU is asked for, else one this machine
@@ -123,6 +123,15 @@ def _preflight_variants(path, variants, backend=None) -> list[str]:
         for line in errors:
             _say(f"  {line}", file=sys.stderr)
     return errors
+
+
+def _warm_workers(backend) -> None:
+    """Start the local workers' server now, so that its imports (torch & co, ~7 s of CPU) overlap with the
+    checks and opening the store instead of delaying the first variant."""
+    if backend is None:
+        from harness import spawn
+
+        spawn.warm_up()
 
 
 def _bad_worker_environment(command: str) -> bool:
@@ -191,6 +200,15 @@ def _open_backend(args, results: Path, command: str):
 
 
 def cmd_run(args) -> int:
+    rc = _cmd_run(args)
+    if rc == EXIT_BAD_INPUT:
+        from harness import spawn
+
+        spawn.stop()  # started early below, in case the checks passed
+    return rc
+
+
+def _cmd_run(args) -> int:
     if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
         print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
               f"(leave it out for one per GPU, else 1)", file=sys.stderr)
@@ -202,6 +220,8 @@ def cmd_run(args) -> int:
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
+    if args.executor != "ray":
+        _warm_workers(None)  # the grid file is sound: the workers' imports overlap the deeper checks from here
     if len(grid.variants) > LARGE_GRID and not args.yes:
         print(f"run: {args.grid} expands to {len(grid.variants)} variants (more than {LARGE_GRID}); check it with "
               f"`python -m harness plan {args.grid}` and pass --yes to run them all (nothing was run)", file=sys.stderr)
@@ -297,6 +317,7 @@ def cmd_search(args) -> int:
     try:
         if _preflight_variants(args.file, [spec_variant(spec)], backend):
             return EXIT_BAD_INPUT
+        _warm_workers(backend)
         search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
                         storage_url=args.storage, argv=sys.argv, backend=backend)
         rc = search.run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments import common
+from experiments import device as dev
 from experiments import data as D
 from experiments import models as M
 from harness.core.variant import Variant
@@ -31,8 +31,8 @@ def check_variants(path, variants: list[Variant], device: str | None) -> list[st
         spec, where = v.spec, f"{path}: {v.source}"
         try:
             if device is not None:
-                common.resolve_precision(spec.train.precision, device)
-        except common.VariantError as e:
+                dev.resolve_precision(spec.train.precision, device)
+        except dev.VariantError as e:
             errors.append(f"{where}: {e}")
         name = spec.base_model
         grid_dir = Path(v.grid_dir)

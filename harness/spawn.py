@@ -99,6 +99,22 @@ def warm_up() -> None:
         forkserver.ensure_running()
 
 
+def stop() -> None:
+    """Stop the server warm_up started, without waiting for its imports (the input turned out bad after all:
+    nothing will be forked, and the command should not linger or leave a process behind)."""
+    if _context is None:
+        return
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # the module's one ForkServer; ensure_running() is its public face
+    if getattr(server, "_forkserver_pid", None) is not None:
+        try:
+            os.kill(server._forkserver_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server._stop()  # closes its pipe, reaps it, removes its socket
+
+
 class _Forked:
     def __init__(self, job_path: Path, env: dict[str, str], log: IO, keep_fds: tuple[int, ...]):
         read, write = os.pipe()
