@@ -3,7 +3,8 @@
 # (see ../shared/GPU.md: torch/transformers/peft there, no network, 64 MiB carried per command, /root kept only
 # while the machine stays warm). Two back-to-back commands from the repo root:
 #   1. carrying .stage/a .whl/a:  bash results/benchmarks/gpu.sh stage
-#   2. carrying .stage/b .whl/b:  bash results/benchmarks/gpu.sh run
+#   2. carrying .stage/b .whl/b:  bash results/benchmarks/gpu.sh run     (two_round, then the benchmark)
+#                             or:  bash results/benchmarks/gpu.sh bench   (the benchmark only)
 # (.stage = ../shared/gpu/split-smollm2.sh .stage; .whl/{a,b} = ../shared/gpu/wheelhouse.sh's wheels in two halves)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,7 +15,7 @@ stage)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/a/*.whl
     ls -la /root/stage /root/site | head -5
     ;;
-run)
+run|bench)
     set -x
     cat /root/stage/part.00 .stage/b/part.01 > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf
     (cd /root/stage && sha256sum -c "$OLDPWD/.stage/b/SHA256") || exit 3
@@ -26,14 +27,16 @@ run)
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     python3 -c "from experiments import models as M; print(M.materialise_smollm2())" || exit 4
     python3 -m compileall -q -j 16 /root/site > /dev/null 2>&1  # byte-compile once: no first-import cost in timings
+    if [ "$1" = run ]; then
     start=$(date +%s)
     timeout 150 python3 -m harness run configs/two_round.yaml --results /root/r > "$OUT/two_round.log" 2>&1
     echo "run rc=$? wall $(( $(date +%s) - start )) s" >> "$OUT/two_round.log"
     timeout 40 python3 -m harness report two_round --results /root/r >> "$OUT/two_round.log" 2>&1
     (cd /root/r && tar czf "$OUT/two_round.tgz" two_round runs/*/result.json)
-    timeout 380 python3 -m harness.bench --out "$OUT/throughput-gpu.json" > "$OUT/bench.log" 2>&1
+    fi
+    timeout 330 python3 -m harness.bench --out "$OUT/throughput-gpu.json" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?" >> "$OUT/bench.log"
     ls -la "$OUT"
     ;;
-*) echo "usage: gpu.sh stage|run" >&2; exit 2 ;;
+*) echo "usage: gpu.sh stage|run|bench" >&2; exit 2 ;;
 esac
