@@ -41,8 +41,8 @@ def supply_reference_logps(trainer, ctx: common.RunContext, baseline) -> bool:
     scored = dict(zip((p.index for p in baseline.pairs.get("train", [])), baseline.logps.get("train", []),
                       strict=True))
     dataset = trainer.train_dataset
-    if (refcache.enabled() and ctx.precision == "fp32" and not trainer.precompute_ref_logps and len(dataset) == len(ctx.train_indices)
-            and all(i in scored for i in ctx.train_indices)):
+    if (refcache.enabled() and ctx.precision == "fp32" and not trainer.precompute_ref_logps
+            and len(dataset) == len(ctx.train_indices) and all(i in scored for i in ctx.train_indices)):
         # the tokenised dataset keeps the order of the rows it was built from (TRL drops no row the audit kept)
         trainer.train_dataset = (dataset.add_column("ref_chosen_logps", [scored[i][0] for i in ctx.train_indices])
                                  .add_column("ref_rejected_logps", [scored[i][1] for i in ctx.train_indices]))

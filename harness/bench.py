@@ -158,13 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="both sides' precision; auto: bf16 on a GPU that supports it, else fp32 (the harness's rule)")
     args = p.parse_args(argv)
-    from experiments import common as C
+    from experiments import device as dev
     from experiments import models as M
 
-    device = C.pick_device()
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and C.bf16_supported(device) else "fp32"
+    device = dev.pick_device()
+    precision = dev.resolve_precision(args.precision, device)
 
     model_dir = M.weights_folder(args.model, Path.cwd())
     if model_dir is None:
