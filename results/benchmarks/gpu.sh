@@ -5,10 +5,16 @@
 #   1. carrying .stage/a .whl/a:  bash results/benchmarks/gpu.sh stage
 #   2. carrying .stage/b .whl/b:  bash results/benchmarks/gpu.sh run     (two_round, then the benchmark)
 #                             or:  bash results/benchmarks/gpu.sh bench   (the benchmark only)
+# The tests marked gpu need no SmolLM2: one command carrying .whl/a .whl/b:  bash results/benchmarks/gpu.sh tests
 # (.stage = ../shared/gpu/split-smollm2.sh .stage; .whl/{a,b} = ../shared/gpu/wheelhouse.sh's wheels in two halves)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 case "${1:-}" in
+tests)  # one command, carrying .whl/a .whl/b
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/a/*.whl .whl/b/*.whl
+    export PYTHONPATH=/root/site:$PWD TOKENIZERS_PARALLELISM=false
+    python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.txt"
+    ;;
 stage)
     mkdir -p /root/stage /root/site
     cp .stage/a/part.00 /root/stage/
@@ -38,5 +44,5 @@ run|bench)
     echo "bench rc=$?" >> "$OUT/bench.log"
     ls -la "$OUT"
     ;;
-*) echo "usage: gpu.sh stage|run|bench" >&2; exit 2 ;;
+*) echo "usage: gpu.sh stage|run|bench|tests" >&2; exit 2 ;;
 esac
