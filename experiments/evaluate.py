@@ -67,6 +67,9 @@ from experiments import data as D
 PROBE_FILE = D.BUILTIN_DIR / "probe_prompts.jsonl"
 NEUTRAL_FILE = D.BUILTIN_DIR / "neutral_text.txt"
 SPLITS = {"eval": "eval", "train": "train_pairs"}  # split -> metric prefix
+# How the reference side is computed, part of its cache key: an entry scored another way (here: before the
+# prompt was shared between the two sides, or probes generated in other batches) is not mixed with new scores.
+SCORING = "shared-prompt-v1"
 
 
 # ---------------------------------------------------------------- inputs
@@ -242,12 +245,82 @@ def completion_logps(model, seqs: list[tuple[list[int], int]], pad_id: int, batc
 
 
 def pair_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
-    """(logp chosen, logp rejected) per pair."""
+    """(logp chosen, logp rejected) per pair. The prompt, common to both sides, is computed once per pair
+    (`shared_prompt_logps`) when the model can continue from a key/value cache; otherwise each side is scored
+    as one whole sequence."""
+    if pairs and _keeps_logits(model) and not getattr(model.config, "is_encoder_decoder", False):
+        shared = shared_prompt_logps(model, pairs, pad_id, batch_size)
+        if shared is not None:
+            return shared
+    return separate_logps(model, pairs, pad_id, batch_size)
+
+
+def separate_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
+    """(logp chosen, logp rejected) per pair, each side one right-padded sequence, prompt included."""
     seqs = []
     for p in pairs:
         seqs += [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)), (p.prompt_ids + p.rejected_ids, len(p.prompt_ids))]
     flat = completion_logps(model, seqs, pad_id, batch_size)
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(pairs))]
+
+
+def shared_prompt_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]] | None:
+    """(logp chosen, logp rejected) per pair, the prompt computed once for both sides; None when the model's
+    forward returns no key/value cache that can be duplicated row by row.
+
+    `batch_size // 2` pairs at a time (a pair is two sequences): the prompts, left-padded so that they all end
+    in the same column, go through the model once, keeping their keys and values; the cache is duplicated per
+    pair and the chosen and the rejected completions (right-padded) continue from it, positions counted from
+    each prompt's real length. The first completion token is predicted by the prompt's last position, the others
+    by the completion's own positions. The same sums as scoring each side whole, to float rounding (a test
+    checks it against an independent computation). On the built-in pairs (prompts ~48 tokens, completions ~72)
+    it passes 11% fewer tokens through the model, padding included; the longer the prompts, the more it saves.
+    """
+    device = _device(model)
+    per_batch = max(1, batch_size // 2)
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+    for start in range(0, len(order), per_batch):
+        idx = order[start:start + per_batch]
+        batch = [pairs[i] for i in idx]
+        width = max(len(p.prompt_ids) for p in batch)
+        prompt = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, p in enumerate(batch):
+            prompt[j, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
+            prompt_mask[j, width - len(p.prompt_ids):] = 1
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        first = model(input_ids=prompt.to(device), attention_mask=prompt_mask.to(device),
+                      position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(2)  # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
+        sides = [ids for p in batch for ids in (p.chosen_ids, p.rejected_ids)]
+        n_prompt = [len(p.prompt_ids) for p in batch for _ in range(2)]
+        length = max(len(ids) for ids in sides)
+        completion = torch.full((len(sides), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sides), length), dtype=torch.bool)
+        for j, ids in enumerate(sides):
+            completion[j, :len(ids)] = torch.tensor(ids)
+            mask[j, :len(ids)] = True
+        completion, mask = completion.to(device), mask.to(device)
+        head = first.logits[:, -1].float().repeat_interleave(2, 0)  # predicts each side's first token
+        sums = head.gather(-1, completion[:, :1]).squeeze(-1) - head.logsumexp(-1)
+        sums = torch.where(mask[:, 0], sums, 0.0)
+        if length > 1:
+            attention = torch.cat([prompt_mask.repeat_interleave(2, 0).to(device), mask.long()], 1)
+            positions = torch.tensor(n_prompt).unsqueeze(1) + torch.arange(length).unsqueeze(0)
+            logits = model(input_ids=completion, attention_mask=attention, position_ids=positions.to(device),
+                           past_key_values=cache, use_cache=True,
+                           logits_to_keep=torch.arange(0, length - 1, device=device)).logits
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            token_logp = logits.gather(-1, completion[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            sums = sums + torch.where(mask[:, 1:], token_logp, 0.0).sum(1)
+        sums = sums.tolist()
+        for j, i in enumerate(idx):
+            out[i] = (sums[2 * j], sums[2 * j + 1])
+    return out
 
 
 def position_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
@@ -381,7 +454,7 @@ def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None, 
                                                         setup.max_length)
     logps: dict[str, list[tuple[float, float]]] = {}
     with inference(model), reference_of(model):
-        content = {"pairs": _pair_ids(pairs["eval"]), "batch_size": setup.batch_size,
+        content = {"pairs": _pair_ids(pairs["eval"]), "batch_size": setup.batch_size, "scoring": SCORING,
                    "probes": [prompt_ids(tokenizer, p) for p in setup.probe_prompts],
                    "probe_length": setup.probe_length, "eos": tokenizer.eos_token_id, "pad": pad,
                    "neutral": [list(tokenizer(text=p)["input_ids"]) for p in setup.neutral_text],
@@ -395,14 +468,17 @@ def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None, 
             ppl = hit["ppl"]
         else:
             logps["eval"] = pair_logps(model, pairs["eval"], pad, setup.batch_size)
-            probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length, setup.batch_size)
+            # all probes in one batch: decoding reads every weight once per new token, whatever the batch, so
+            # one batch of 16 takes about as long as one of 8 (on the 2-core CPU: 6-7 s against 10-11 s for two)
+            probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length,
+                                        max(setup.batch_size, len(setup.probe_prompts)))
             probe_lp = position_logprobs(model, probes, pad, setup.batch_size)
             ppl = perplexity(model, tokenizer, setup.neutral_text, setup.max_length, setup.batch_size)
             if cache is not None:
                 cache.put("eval", key, {"logps": logps["eval"], "probes": probes, "ppl": ppl},
                           {f"probe_{i}": t for i, t in enumerate(probe_lp)})
         if "train" in pairs:
-            content = {"pairs": _pair_ids(pairs["train"]), "batch_size": setup.batch_size}
+            content = {"pairs": _pair_ids(pairs["train"]), "batch_size": setup.batch_size, "scoring": SCORING}
             key = cache.key("train", content) if cache is not None else None
             hit = cache.get("train", key) if cache is not None else None
             if hit is not None and len(hit["logps"]) == len(pairs["train"]):

@@ -52,6 +52,39 @@ def test_margin_equals_independent_computation(tiny, max_length):
         assert abs((c - r) - (want_c - want_r)) <= 1e-4 * max(1.0, abs(want_c - want_r))
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewer_tokens(tiny, batch_size):
+    """The prompt computed once and continued from its key/value cache for both sides (left-padded prompts of
+    different lengths, right-padded completions) gives the sums of scoring each side whole, and passes fewer
+    tokens through the model."""
+    model, tok = tiny
+    rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:7]
+    pairs, _ = E.encode_pairs(tok, rows, list(range(7)), "eval", 1024)
+    assert len({len(p.prompt_ids) for p in pairs}) > 1  # the padding of the prompts is exercised
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        with E.inference(model):
+            shared = E.shared_prompt_logps(model, pairs, tok.pad_token_id, batch_size)
+            shared_tokens = sum(seen)
+            seen.clear()
+            whole = E.separate_logps(model, pairs, tok.pad_token_id, batch_size)
+            whole_tokens = sum(seen)
+            seen.clear()
+            assert E.pair_logps(model, pairs, tok.pad_token_id, batch_size) == shared  # the path pair_logps takes
+    finally:
+        hook.remove()
+    assert shared is not None and len(shared) == len(pairs)
+    for (c, r), (c0, r0) in zip(shared, whole, strict=True):  # sums of ~10^2-10^3 nats in float32
+        assert c == pytest.approx(c0, rel=1e-6, abs=1e-5) and r == pytest.approx(r0, rel=1e-6, abs=1e-5)
+        assert c - r == pytest.approx(c0 - r0, abs=1e-6 * (abs(c0) + abs(r0)) + 1e-5)
+    if batch_size == 1:  # one pair at a time: its prompt once, then its two sides padded to the longer
+        assert whole_tokens == sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        assert shared_tokens == sum(len(p.prompt_ids) + 2 * max(len(p.chosen_ids), len(p.rejected_ids))
+                                    for p in pairs)
+    assert shared_tokens < whole_tokens
+
+
 def test_fully_truncated_pairs_are_dropped_like_trl(tiny):
     _, tok = tiny
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:4]
