@@ -246,21 +246,52 @@ def completion_logps(model, seqs: list[tuple[list[int], int]], pad_id: int, batc
 
 def pair_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
     """(logp chosen, logp rejected) per pair. The prompt, common to both sides, is computed once per pair
-    (`shared_prompt_logps`) when the model can continue from a key/value cache; otherwise each side is scored
-    as one whole sequence."""
+    (`shared_prompt_logps`) when that passes fewer tokens through the model (`planned_tokens`) and the model can
+    continue from a key/value cache; otherwise each side is scored as one whole sequence."""
     if pairs and _keeps_logits(model) and not getattr(model.config, "is_encoder_decoder", False):
-        shared = shared_prompt_logps(model, pairs, pad_id, batch_size)
-        if shared is not None:
-            return shared
+        plan = planned_tokens(pairs, batch_size)
+        if plan["shared"] < plan["whole"]:
+            shared = shared_prompt_logps(model, pairs, pad_id, batch_size)
+            if shared is not None:
+                return shared
     return separate_logps(model, pairs, pad_id, batch_size)
+
+
+def planned_tokens(pairs: list[Pair], batch_size: int) -> dict[str, int]:
+    """Tokens each way passes through the model, padding included: `whole` (`separate_logps`) and `shared`
+    (`shared_prompt_logps`). Sharing the prompt saves a prompt per pair but pads both sides of a pair to the
+    longer one, so with short prompts and sides of very different lengths it can cost more; `pair_logps` takes
+    the way with fewer tokens (decided by the token ids and the batch size alone, so the reference and the
+    trained model are always scored the same way)."""
+    whole = 0
+    for _, batch in _batches(_sides(pairs), batch_size):
+        whole += len(batch) * max(len(ids) for ids, _ in batch)
+    shared = 0
+    for idx in _pair_batches(pairs, batch_size):
+        batch = [pairs[i] for i in idx]
+        shared += len(batch) * max(len(p.prompt_ids) for p in batch)
+        shared += 2 * len(batch) * max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in batch)
+    return {"whole": whole, "shared": shared}
+
+
+def _sides(pairs: list[Pair]) -> list[tuple[list[int], int]]:
+    seqs = []
+    for p in pairs:
+        seqs += [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)), (p.prompt_ids + p.rejected_ids, len(p.prompt_ids))]
+    return seqs
+
+
+def _pair_batches(pairs: list[Pair], batch_size: int):
+    """Positions in `pairs`, `batch_size // 2` pairs at a time (a pair is two sequences), longest side first."""
+    per_batch = max(1, batch_size // 2)
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    for start in range(0, len(order), per_batch):
+        yield order[start:start + per_batch]
 
 
 def separate_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
     """(logp chosen, logp rejected) per pair, each side one right-padded sequence, prompt included."""
-    seqs = []
-    for p in pairs:
-        seqs += [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)), (p.prompt_ids + p.rejected_ids, len(p.prompt_ids))]
-    flat = completion_logps(model, seqs, pad_id, batch_size)
+    flat = completion_logps(model, _sides(pairs), pad_id, batch_size)
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(pairs))]
 
 
@@ -273,15 +304,13 @@ def shared_prompt_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) 
     pair and the chosen and the rejected completions (right-padded) continue from it, positions counted from
     each prompt's real length. The first completion token is predicted by the prompt's last position, the others
     by the completion's own positions. The same sums as scoring each side whole, to float rounding (a test
-    checks it against an independent computation). On the built-in pairs (prompts ~48 tokens, completions ~72)
-    it passes 11% fewer tokens through the model, padding included; the longer the prompts, the more it saves.
+    checks it against an independent computation). On SmolLM2's tokens of the built-in pairs (prompts ~48
+    tokens, completions ~72) it passes 11% fewer tokens through the model, padding included; behind a ~290-token
+    context, 40% fewer (`python -m harness.bench_scoring`).
     """
     device = _device(model)
-    per_batch = max(1, batch_size // 2)
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
-    for start in range(0, len(order), per_batch):
-        idx = order[start:start + per_batch]
+    for idx in _pair_batches(pairs, batch_size):
         batch = [pairs[i] for i in idx]
         width = max(len(p.prompt_ids) for p in batch)
         prompt = torch.full((len(batch), width), pad_id, dtype=torch.long)

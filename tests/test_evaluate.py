@@ -55,10 +55,13 @@ def test_margin_equals_independent_computation(tiny, max_length):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewer_tokens(tiny, batch_size):
     """The prompt computed once and continued from its key/value cache for both sides (left-padded prompts of
-    different lengths, right-padded completions) gives the sums of scoring each side whole, and passes fewer
-    tokens through the model."""
+    different lengths, right-padded completions) gives the sums of scoring each side whole; with long prompts it
+    passes far fewer tokens through the model, and `pair_logps` takes it."""
     model, tok = tiny
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:7]
+    context = " ".join(E.neutral_paragraphs())[:600]
+    rows = [{**r, "prompt": r["prompt"][:-1] + [{**r["prompt"][-1], "content": context + r["prompt"][-1]["content"]}]}
+            if i % 2 else r for i, r in enumerate(rows)]  # every other prompt long: prompts of very different lengths
     pairs, _ = E.encode_pairs(tok, rows, list(range(7)), "eval", 1024)
     assert len({len(p.prompt_ids) for p in pairs}) > 1  # the padding of the prompts is exercised
     seen = []
@@ -71,10 +74,14 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
             whole = E.separate_logps(model, pairs, tok.pad_token_id, batch_size)
             whole_tokens = sum(seen)
             seen.clear()
-            assert E.pair_logps(model, pairs, tok.pad_token_id, batch_size) == shared  # the path pair_logps takes
+            chosen = E.pair_logps(model, pairs, tok.pad_token_id, batch_size)
     finally:
         hook.remove()
     assert shared is not None and len(shared) == len(pairs)
+    plan = E.planned_tokens(pairs, batch_size)
+    assert plan == {"whole": whole_tokens, "shared": shared_tokens}  # the plan counts what runs
+    assert shared_tokens < whole_tokens  # with these prompts, sharing them is cheaper ...
+    assert chosen == shared  # ... and pair_logps takes it
     for (c, r), (c0, r0) in zip(shared, whole, strict=True):  # sums of ~10^2-10^3 nats in float32
         assert c == pytest.approx(c0, rel=1e-6, abs=1e-5) and r == pytest.approx(r0, rel=1e-6, abs=1e-5)
         assert c - r == pytest.approx(c0 - r0, abs=1e-6 * (abs(c0) + abs(r0)) + 1e-5)
@@ -82,7 +89,6 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
         assert whole_tokens == sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         assert shared_tokens == sum(len(p.prompt_ids) + 2 * max(len(p.chosen_ids), len(p.rejected_ids))
                                     for p in pairs)
-    assert shared_tokens < whole_tokens
 
 
 def test_fully_truncated_pairs_are_dropped_like_trl(tiny):
