@@ -70,6 +70,7 @@ SPLITS = {"eval": "eval", "train": "train_pairs"}  # split -> metric prefix
 # How the reference side is computed, part of its cache key: an entry scored another way (here: before the
 # prompt was shared between the two sides, or probes generated in other batches) is not mixed with new scores.
 SCORING = "shared-prompt-v1"
+SHARE_BELOW = 0.8  # pair_logps shares the prompt when that leaves fewer than this share of the tokens
 
 
 # ---------------------------------------------------------------- inputs
@@ -246,11 +247,15 @@ def completion_logps(model, seqs: list[tuple[list[int], int]], pad_id: int, batc
 
 def pair_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
     """(logp chosen, logp rejected) per pair. The prompt, common to both sides, is computed once per pair
-    (`shared_prompt_logps`) when that passes fewer tokens through the model (`planned_tokens`) and the model can
-    continue from a key/value cache; otherwise each side is scored as one whole sequence."""
+    (`shared_prompt_logps`) when that passes at least `SHARE_BELOW` fewer tokens through the model
+    (`planned_tokens`) and the model can continue from a key/value cache; otherwise each side is scored as one
+    whole sequence. A token costs more in the continuation than in a whole sequence (every padded completion
+    position goes through the vocabulary projection, and the attention reads the cache through an explicit
+    mask): on the 2-core CPU the built-in pairs, 11% fewer tokens shared, took 16.5 s against 15.8 s whole, and
+    the same pairs behind a ~290-token context, 37% fewer, 28.2 s against 48.1 s (`harness.bench_scoring`)."""
     if pairs and _keeps_logits(model) and not getattr(model.config, "is_encoder_decoder", False):
         plan = planned_tokens(pairs, batch_size)
-        if plan["shared"] < plan["whole"]:
+        if plan["shared"] < SHARE_BELOW * plan["whole"]:
             shared = shared_prompt_logps(model, pairs, pad_id, batch_size)
             if shared is not None:
                 return shared
@@ -260,9 +265,9 @@ def pair_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[t
 def planned_tokens(pairs: list[Pair], batch_size: int) -> dict[str, int]:
     """Tokens each way passes through the model, padding included: `whole` (`separate_logps`) and `shared`
     (`shared_prompt_logps`). Sharing the prompt saves a prompt per pair but pads both sides of a pair to the
-    longer one, so with short prompts and sides of very different lengths it can cost more; `pair_logps` takes
-    the way with fewer tokens (decided by the token ids and the batch size alone, so the reference and the
-    trained model are always scored the same way)."""
+    longer one, so with short prompts and sides of very different lengths it can cost more. `pair_logps`
+    decides from these counts, which depend on the token ids and the batch size alone: the reference and the
+    trained model are always scored the same way."""
     whole = 0
     for _, batch in _batches(_sides(pairs), batch_size):
         whole += len(batch) * max(len(ids) for ids, _ in batch)
@@ -304,9 +309,7 @@ def shared_prompt_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) 
     pair and the chosen and the rejected completions (right-padded) continue from it, positions counted from
     each prompt's real length. The first completion token is predicted by the prompt's last position, the others
     by the completion's own positions. The same sums as scoring each side whole, to float rounding (a test
-    checks it against an independent computation). On SmolLM2's tokens of the built-in pairs (prompts ~48
-    tokens, completions ~72) it passes 11% fewer tokens through the model, padding included; behind a ~290-token
-    context, 40% fewer (`python -m harness.bench_scoring`).
+    checks it against an independent computation). Worth it for long prompts (see `pair_logps`).
     """
     device = _device(model)
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)

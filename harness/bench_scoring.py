@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     model = M.load_model(args.model, base_dir=Path.cwd(), vocab_size=len(tok)).to(dev.pick_device())
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")
     context = " ".join(E.neutral_paragraphs())[:1200]
-    sets = {"built-in held-out pairs": rows, "the same pairs behind a ~1,200-character context": _long_prompts(rows, context)}
+    sets = {"built-in held-out pairs": rows,
+            "the same pairs behind a ~1,200-character context": _long_prompts(rows, context)}
     report = {"command": "python -m harness.bench_scoring " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "model": args.model,
               "dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "sets": {}}

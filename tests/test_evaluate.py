@@ -59,9 +59,10 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
     passes far fewer tokens through the model, and `pair_logps` takes it."""
     model, tok = tiny
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:7]
-    context = " ".join(E.neutral_paragraphs())[:600]
-    rows = [{**r, "prompt": r["prompt"][:-1] + [{**r["prompt"][-1], "content": context + r["prompt"][-1]["content"]}]}
-            if i % 2 else r for i, r in enumerate(rows)]  # every other prompt long: prompts of very different lengths
+    context = " ".join(E.neutral_paragraphs())[:1400]
+    rows = [{**r, "prompt": r["prompt"][:-1] + [{**r["prompt"][-1],
+                                                 "content": context[:800 + 80 * i] + r["prompt"][-1]["content"]}]}
+            for i, r in enumerate(rows)]  # long prompts, of different lengths
     pairs, _ = E.encode_pairs(tok, rows, list(range(7)), "eval", 1024)
     assert len({len(p.prompt_ids) for p in pairs}) > 1  # the padding of the prompts is exercised
     seen = []
@@ -80,7 +81,7 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
     assert shared is not None and len(shared) == len(pairs)
     plan = E.planned_tokens(pairs, batch_size)
     assert plan == {"whole": whole_tokens, "shared": shared_tokens}  # the plan counts what runs
-    assert shared_tokens < whole_tokens  # with these prompts, sharing them is cheaper ...
+    assert shared_tokens < E.SHARE_BELOW * whole_tokens  # with these prompts, sharing them is cheaper ...
     assert chosen == shared  # ... and pair_logps takes it
     for (c, r), (c0, r0) in zip(shared, whole, strict=True):  # sums of ~10^2-10^3 nats in float32
         assert c == pytest.approx(c0, rel=1e-6, abs=1e-5) and r == pytest.approx(r0, rel=1e-6, abs=1e-5)
@@ -89,6 +90,18 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
         assert whole_tokens == sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         assert shared_tokens == sum(len(p.prompt_ids) + 2 * max(len(p.chosen_ids), len(p.rejected_ids))
                                     for p in pairs)
+
+
+def test_short_prompts_are_scored_as_whole_sequences(tiny):
+    """The built-in pairs (short prompts, sides of very different lengths) save too few tokens shared: pair_logps
+    scores them whole, exactly as before the shared path existed."""
+    model, tok = tiny
+    rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:8]
+    pairs, _ = E.encode_pairs(tok, rows, list(range(8)), "eval", 1024)
+    plan = E.planned_tokens(pairs, 8)
+    assert plan["shared"] >= E.SHARE_BELOW * plan["whole"]
+    with E.inference(model):
+        assert E.pair_logps(model, pairs, tok.pad_token_id, 8) == E.separate_logps(model, pairs, tok.pad_token_id, 8)
 
 
 def test_fully_truncated_pairs_are_dropped_like_trl(tiny):
