@@ -8,7 +8,8 @@ concatenated forward, and what the measurement did before); "shared" (`experimen
 what the measurement does now) runs the prompt once and continues both sides from its key/value cache. Two sets
 of pairs: the built-in held-out pairs (short prompts) and the same pairs behind a ~1,200-character context
 (long prompts, as in retrieval-style data). Reports the best of `--repeats` wall times of each, the tokens each
-way passes through the model (padding included) and the largest margin difference between the two ways.
+way passes through the model (padding included) and the largest margin difference between the two ways; and,
+for scale, the tokens/s of a bare forward of 8 x 200 random tokens (no scoring, last position's logits only).
 Run it alone: anything else on the machine shows up in the numbers.
 """
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
 
+    import torch
+
     from experiments import data as D
     from experiments import device as dev
     from experiments import evaluate as E
@@ -89,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             result["max_margin_difference"] = max(abs((a[0] - a[1]) - (b[0] - b[1]))
                                                   for a, b in zip(scores["whole"], scores["shared"], strict=True))
             report["sets"][name] = result
+        # the ceiling: a bare forward (last position's logits only) of random tokens, 8 rows of 200
+        tokens = torch.randint(0, len(tok), (8, 200), generator=torch.Generator().manual_seed(0))
+        tokens = tokens.to(next(model.parameters()).device)
+        model(input_ids=tokens, logits_to_keep=1)  # warm-up
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.monotonic()
+            model(input_ids=tokens, logits_to_keep=1)
+            best = min(best, time.monotonic() - t0)
+        report["bare_forward_tokens_per_second"] = tokens.numel() / best
+        for r in report["sets"].values():
+            for way in ("whole", "shared"):
+                r[way]["tokens_per_second"] = r[way]["tokens"] / r[way]["seconds"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -99,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['whole']['seconds']:.1f} s ({r['whole']['tokens']} tokens) | "
                      f"{r['shared']['seconds']:.1f} s ({r['shared']['tokens']} tokens) | {r['speedup']:.2f}× | "
                      f"{r['max_margin_difference']:.1e} nats |")
+    lines.append(f"\nA bare forward of 8 × 200 tokens (last position's logits only): "
+                 f"{report['bare_forward_tokens_per_second']:.0f} tokens/s; scoring each side whole: "
+                 + ", ".join(f"{r['whole']['tokens_per_second']:.0f}" for r in report["sets"].values())
+                 + " tokens/s (padding included).")
     table = "\n".join(lines)
     where = report["machine"]["gpu"] or f"{report['machine']['cpu']} ({report['machine']['cores']} cores)"
     out.with_suffix(".md").write_text(f"Recorded {report['date']} on {where}, {report['dtype']}, "

@@ -3,6 +3,8 @@ DPO training with the measurement's reference log-probs handed to TRL is the sam
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -40,11 +42,13 @@ def _run(folder: Path, cache: str, *flags: str, env: dict[str, str] | None = Non
         mp.setenv(refcache.ENV_SWITCH, cache)
         for key, value in (env or {}).items():
             mp.setenv(key, value)
-        assert main(["run", str(folder / "grid.yaml"), "--results", str(folder / "results"), *flags]) == 0
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            assert main(["run", str(folder / "grid.yaml"), "--results", str(folder / "results"), *flags]) == 0
     client = MlflowClient(f"sqlite:///{folder / 'results' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sweep")
     runs = client.search_runs([exp.experiment_id], "tags.`harness.kind` = 'variant'")
-    return {r.data.tags["mlflow.runName"].split("·")[0]: (client, r) for r in runs}
+    return {r.data.tags["mlflow.runName"].split("·")[0]: (client, r) for r in runs} | {"stderr": said.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,9 @@ def test_two_variants_at_once_from_the_warm_server_train_exactly_as_one_at_a_tim
     # the two really ran at once: each started before the other ended
     (_, r1), (_, r5) = sweeps["jobs2"]["b1"], sweeps["jobs2"]["b5"]
     assert r1.info.start_time < r5.info.end_time and r5.info.start_time < r1.info.end_time
+    # on two cores, one thread each: the command says this is no faster than one at a time
+    assert "leave each one torch thread" in sweeps["jobs2"]["stderr"]
+    assert "torch thread" not in sweeps["on"]["stderr"]
     # one at a time, a forked worker keeps torch's own thread count (the machine's cores)
     (_, on) = sweeps["on"]["b1"]
     assert on.data.tags["harness.worker_start"] == "fork" and on.data.tags["harness.threads"] == str(
