@@ -486,7 +486,8 @@ def _raise_interrupt(signum, frame):
 def cmd_server(args) -> int:
     from harness.server import serve
 
-    return serve(_results_dir(args), host=args.host, port=args.port, workers=args.workers)
+    return serve(_results_dir(args), host=args.host, port=args.port, workers=args.workers,
+                 allow_remote=args.allow_remote)
 
 
 def cmd_metrics(args) -> int:
@@ -579,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: python -m harness server --port 5000 & python -m harness run GRID "
                        "--executor ray --tracking-uri http://127.0.0.1:5000")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 for workers on other machines, with a warning)")
+                   "0.0.0.0 for workers on other machines needs --allow-remote)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
     s.add_argument("--results", help="results folder whose mlflow.db and artifacts/ it serves (default: results/)")

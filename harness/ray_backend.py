@@ -225,7 +225,7 @@ class RayBackend:
                 raise BackendError(
                     f"the tracking URI {redact(self.uri)} is this machine's loopback, which the cluster's other "
                     f"nodes ({', '.join(others)}) cannot reach: start the server on an address they reach "
-                    f"(`python -m harness server --host 0.0.0.0`) and pass --tracking-uri http://<this machine's "
+                    f"(`python -m harness server --host 0.0.0.0 --allow-remote`) and pass --tracking-uri http://<this machine's "
                     f"address>:PORT")
         print(f"ray: {len(nodes)} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU; each variant "
               f"takes {self.cpus:g} CPU and {self.gpus:g} GPU, up to {len(self.slots(None))} at once, retried "

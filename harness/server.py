@@ -1,14 +1,14 @@
 """One MLflow tracking server over the harness store, for workers on several machines (`--executor ray`).
 
-    python -m harness server [--port 5000] [--results results] [--host 127.0.0.1]
+    python -m harness server [--port 5000] [--results results] [--host 127.0.0.1 | --host ADDR --allow-remote]
     python -m harness run GRID --executor ray --tracking-uri http://127.0.0.1:5000
 
 It runs `mlflow server` with the store a local run uses (`sqlite:///<results>/mlflow.db`) and serves artifacts
 (`--serve-artifacts --artifacts-destination <results>/artifacts`): every worker's writes go through it over
 HTTP — one process writing the sqlite file, which several machines could not safely share — and a worker
 on another node needs no shared disk. Runs tracked through it are the runs `harness report` and `harness ui`
-read from results/. It binds 127.0.0.1 unless --host says otherwise (with a warning: MLflow has no
-authentication here). Ctrl-C or SIGTERM stops the server's whole process tree.
+read from results/. It binds 127.0.0.1; another --host needs --allow-remote too (and is warned about: MLflow
+has no authentication here), as for `harness ui`. Ctrl-C or SIGTERM stops the server's whole process tree.
 """
 
 from __future__ import annotations
@@ -59,10 +59,17 @@ def command(results: Path, host: str, port: int, workers: int) -> list[str]:
 
 
 def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 2,
-          ready_timeout: float = 180.0) -> int:
-    """Start the server, say when it answers, and run until interrupted. Exit code 2 for a port in use or a
-    damaged store, 130 on Ctrl-C/SIGTERM, else the server's own."""
+          ready_timeout: float = 180.0, allow_remote: bool = False) -> int:
+    """Start the server, say when it answers, and run until interrupted. Exit code 2 for a port in use, a
+    damaged store or a host other machines can reach without `allow_remote`, 130 on Ctrl-C/SIGTERM, else the
+    server's own."""
     from harness.core.runs import StoreError, check_store
+
+    if host not in LOOPBACK and not allow_remote:
+        print(f"server: --host {host} would let other machines read and change every run (this MLflow server has "
+              f"no authentication); add --allow-remote to mean it, or leave --host out for 127.0.0.1",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     results = results.resolve()
     try:

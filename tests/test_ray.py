@@ -440,3 +440,8 @@ def test_ray_flags_need_the_ray_executor_and_the_server_a_free_port(tmp_path, ca
     port = server["url"].rsplit(":", 1)[1]
     assert main(["server", "--port", port, "--results", str(tmp_path / "r")]) == 2
     assert "the port is already in use" in capsys.readouterr().err
+    # a host other machines can reach: refused without --allow-remote, before anything listens or is created
+    assert main(["server", "--host", "0.0.0.0", "--port", port, "--results", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "--host 0.0.0.0 would let other machines read and change every run" in err and "--allow-remote" in err
+    assert not (tmp_path / "r2").exists()
