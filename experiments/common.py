@@ -24,7 +24,7 @@ from experiments import evaluate as E
 from experiments import faults
 from experiments import models as M
 from experiments import refcache
-from experiments.device import VariantError, bf16_supported, pick_device, resolve_precision  # noqa: F401 (common.*)
+from experiments.device import VariantError  # methods raise common.VariantError
 from harness.core.tracking import Tracker
 from harness.core.variant import Variant
 

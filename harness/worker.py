@@ -86,11 +86,12 @@ def main(argv: list[str], start: str = "exec") -> int:
         import torch
 
         from experiments import common
+        from experiments import device as dev
 
         if os.environ.get(THREADS_ENV):  # several variants share the CPU: each its share of the cores
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
-        device = job.get("device") or common.pick_device()
-        precision = common.resolve_precision(variant.spec.train.precision, device)
+        device = job.get("device") or dev.pick_device()
+        precision = dev.resolve_precision(variant.spec.train.precision, device)
         tags = {R.TAG_DEVICE: device, R.TAG_PRECISION: precision, R.TAG_THREADS: torch.get_num_threads(),
                 R.TAG_WORKER_START: start, R.TAG_WORKER_HOST: socket.gethostname()}
         if job.get("attempt"):
