@@ -227,6 +227,65 @@ def test_damaged_store_and_unwritable_results_are_refused_and_left_intact(tmp_pa
         assert "is not a writable folder" in capsys.readouterr().err
 
 
+def test_a_new_store_is_built_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """MLflow builds a new store's schema in dozens of migrations; a Ctrl-C in the middle used to leave a
+    half-built mlflow.db that every later command failed on with a traceback. Now the store is built in a
+    temporary file and linked into place only when complete; one left half-built by other means is refused
+    with exit 2, saying how many runs it holds."""
+    import mlflow.store.db.utils as dbutils
+
+    from harness.core import runs as R
+
+    real_upgrade = dbutils._upgrade_db
+
+    def interrupted(engine):
+        """The migrations run, then the Ctrl-C lands before the last one is recorded: the schema version lags
+        behind the tables, as a kill in the middle of the migrations leaves it."""
+        from alembic.script import ScriptDirectory
+
+        real_upgrade(engine)
+        script = ScriptDirectory.from_config(dbutils._get_alembic_config(str(engine.url)))
+        previous = script.get_revision(script.get_current_head()).down_revision
+        con = sqlite3.connect(engine.url.database)
+        con.execute("UPDATE alembic_version SET version_num = ?", (previous,))
+        con.commit()
+        con.close()
+        raise KeyboardInterrupt
+
+    # the check can fail: opened the plain way, the interrupted store is left half-built and unusable
+    plain = tmp_path / "plain" / "mlflow.db"
+    plain.parent.mkdir()
+    with monkeypatch.context() as mp:
+        mp.setattr(dbutils, "_upgrade_db", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            MlflowClient(f"sqlite:///{plain}").search_experiments()
+    assert plain.exists()
+    with pytest.raises(Exception, match="already exists|out-of-date|no such"):
+        MlflowClient(f"sqlite:///{plain}").search_experiments()
+
+    results = tmp_path / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    with monkeypatch.context() as mp:
+        mp.setattr(dbutils, "_upgrade_db", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            R.Store(uri, results / "artifacts")
+    assert sorted(p.name for p in results.iterdir()) == ["mlflow.db.lock"]  # no store, no half-built file
+    store = R.Store(uri, results / "artifacts")  # the next command builds it whole
+    assert [e.name for e in store.client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in results.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+    # a store left half-built by an older harness or another program: exit 2, with its run count
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mlflow.db").write_bytes(plain.read_bytes())
+    grid = make_grid(tmp_path, "halfbuilt", "- {method: lora_sft}\n")
+    assert main(["run", str(grid), "--results", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"run: {broken / 'mlflow.db'}: MLflow cannot open this store: " in err, err
+    assert "this one holds 0: if none, delete it and run again" in err
+    assert "Traceback" not in err and not (broken / "runs").exists()
+
+
 def two_variant_grid(folder: Path, name: str) -> Path:
     """A lora_sft and a dpo_lora variant measured on 4 held-out pairs (fast), for the multi-runner tests."""
     eval_rows = (ROOT / "experiments/data/builtin/eval.jsonl").read_text().splitlines()[:4]

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,37 @@ def reanchor(uri: str) -> str | None:
         con.close()
 
 
+def _create_atomically(db: Path) -> None:
+    """Create a new sqlite store whole or not at all. MLflow builds its schema (dozens of migrations, a few
+    seconds) when a client first opens a missing file; interrupted, that leaves a half-built store no later
+    command can open. So a missing store is built in a temporary file next to it and linked into place only
+    when complete (callers hold the store's lock; an existing file is left alone)."""
+    if db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # a new name per try
+    try:
+        retry(lambda: client(f"sqlite:///{tmp}").search_experiments(max_results=1), "create store")
+        try:
+            os.link(tmp, db)
+        except FileExistsError:  # another program made one meanwhile: theirs stands
+            pass
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _count_runs(db: Path) -> str:
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            return str(con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return "no readable"
+
+
 class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
@@ -245,15 +277,25 @@ class Store:
             # runners starting at once on one new file would race on that, so they open it under a lock.
             from filelock import FileLock
 
+            db = Path(uri.removeprefix("sqlite:///"))
+            existed = db.exists() and db.stat().st_size > 0
             try:
-                with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+                with FileLock(str(db) + ".lock"):
+                    _create_atomically(db)
                     self.client = client(uri)
                     retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
             except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
                 text = str(getattr(e, "orig", None) or e).splitlines()[0]
                 if is_disk_full(e):
-                    raise DiskFullError(Path(uri.removeprefix("sqlite:///")).parent, text) from None
-                if not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text:
+                    raise DiskFullError(db.parent, text) from None
+                writable = not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text
+                if writable and existed and type(e).__module__.split(".")[0] in ("sqlalchemy", "mlflow"):
+                    # a half-built store (its creation interrupted) or another MLflow version's schema
+                    raise StoreError(f"{db}: MLflow cannot open this store: {text.rstrip('.')}. A store whose "
+                                     f"creation was interrupted (before harness built new stores whole) holds no "
+                                     f"runs; this one holds {_count_runs(db)}: if none, delete it and run "
+                                     f"again") from None
+                if writable:
                     raise
                 raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
                                  f"MLflow store there ({text}); check that the folder is writable, or give "
