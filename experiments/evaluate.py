@@ -492,37 +492,50 @@ def before(model, tokenizer, setup: Setup, *, keep_weights: bool | None = None, 
                    "neutral": [list(tokenizer(text=p)["input_ids"]) for p in setup.neutral_text],
                    "max_length": setup.max_length}
         key = cache.key("eval", content) if cache is not None else None
-        hit = cache.get("eval", key) if cache is not None else None
-        if hit is not None and len(hit["logps"]) == len(pairs["eval"]):
-            logps["eval"] = [tuple(x) for x in hit["logps"]]
-            probes = [(list(ids), n) for ids, n in hit["probes"]]
-            probe_lp = [hit["tensors"][f"probe_{i}"] for i in range(len(probes))]
-            ppl = hit["ppl"]
-        else:
-            logps["eval"] = pair_logps(model, pairs["eval"], pad, setup.batch_size)
-            # all probes in one batch: decoding reads every weight once per new token, whatever the batch, so
-            # one batch of 16 takes about as long as one of 8 (on the 2-core CPU: 6-7 s against 10-11 s for two)
-            probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length,
-                                        max(setup.batch_size, len(setup.probe_prompts)))
-            probe_lp = position_logprobs(model, probes, pad, setup.batch_size)
-            ppl = perplexity(model, tokenizer, setup.neutral_text, setup.max_length, setup.batch_size)
-            if cache is not None:
-                cache.put("eval", key, {"logps": logps["eval"], "probes": probes, "ppl": ppl},
-                          {f"probe_{i}": t for i, t in enumerate(probe_lp)})
+        with _measuring(cache, key):
+            logps["eval"], probes, probe_lp, ppl = _reference_eval(model, tokenizer, setup, pairs["eval"], pad,
+                                                                   cache, key)
         if "train" in pairs:
             content = {"pairs": _pair_ids(pairs["train"]), "batch_size": setup.batch_size, "scoring": SCORING}
             key = cache.key("train", content) if cache is not None else None
-            hit = cache.get("train", key) if cache is not None else None
-            if hit is not None and len(hit["logps"]) == len(pairs["train"]):
-                logps["train"] = [tuple(x) for x in hit["logps"]]
-            else:
-                logps["train"] = pair_logps(model, pairs["train"], pad, setup.batch_size)
-                if cache is not None:
-                    cache.put("train", key, {"logps": logps["train"]})
+            with _measuring(cache, key):
+                hit = cache.get("train", key) if cache is not None else None
+                if hit is not None and len(hit["logps"]) == len(pairs["train"]):
+                    logps["train"] = [tuple(x) for x in hit["logps"]]
+                else:
+                    logps["train"] = pair_logps(model, pairs["train"], pad, setup.batch_size)
+                    if cache is not None:
+                        cache.put("train", key, {"logps": logps["train"]})
     if keep_weights is None:
         keep_weights = not is_peft(model)
     weights = snapshot(model) if keep_weights else None
     return Baseline(setup, pairs, dropped, logps, probes, probe_lp, ppl, weights, time.monotonic() - t0)
+
+
+def _measuring(cache, key):
+    """The cache's lock on `key` (variants running at once measure a shared reference once), if there is one."""
+    return cache.measuring(key) if cache is not None else contextlib.nullcontext()
+
+
+def _reference_eval(model, tokenizer, setup: Setup, pairs: list[Pair], pad: int, cache, key):
+    """The reference's held-out log-probs, probe completions, their distributions and the neutral-text
+    perplexity: from the cache, or measured (and stored)."""
+    hit = cache.get("eval", key) if cache is not None else None
+    if hit is not None and len(hit["logps"]) == len(pairs):
+        logps = [tuple(x) for x in hit["logps"]]
+        probes = [(list(ids), n) for ids, n in hit["probes"]]
+        return logps, probes, [hit["tensors"][f"probe_{i}"] for i in range(len(probes))], hit["ppl"]
+    logps = pair_logps(model, pairs, pad, setup.batch_size)
+    # all probes in one batch: decoding reads every weight once per new token, whatever the batch, so one batch
+    # of 16 takes about as long as one of 8 (on the 2-core CPU: 6-7 s against 10-11 s for two)
+    probes = greedy_completions(model, tokenizer, setup.probe_prompts, setup.probe_length,
+                                max(setup.batch_size, len(setup.probe_prompts)))
+    probe_lp = position_logprobs(model, probes, pad, setup.batch_size)
+    ppl = perplexity(model, tokenizer, setup.neutral_text, setup.max_length, setup.batch_size)
+    if cache is not None:
+        cache.put("eval", key, {"logps": logps, "probes": probes, "ppl": ppl},
+                  {f"probe_{i}": t for i, t in enumerate(probe_lp)})
+    return logps, probes, probe_lp, ppl
 
 
 def _pair_ids(pairs: list[Pair]) -> list:

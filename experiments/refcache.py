@@ -14,12 +14,14 @@ pairs) under a key made of *content*, never names:
 
 A changed byte in any of these makes a new key, so a stale entry is never used. Entries live in
 `results/cache/reference/` as safetensors (tensors) plus JSON (numbers), written atomically, so concurrent
-workers can share the folder. `HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training
+workers can share the folder; a worker about to measure an entry holds a lock on its key (`measuring`), so
+variants running at once (`--jobs N`) measure a shared reference once: the others wait for it and read it. `HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training
 pairs' reference log-probs by TRL, see `experiments/dpo_lora.py`) off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,6 +99,33 @@ class ReferenceCache:
 
     def key(self, part: str, content: Any) -> str:
         return _sha({**self.context, "part": part, "content": content})
+
+    @contextlib.contextmanager
+    def measuring(self, key: str):
+        """Hold the lock of `key` while looking it up and, on a miss, measuring and storing it: another worker
+        with the same key waits here (saying so on stderr, its log) and then finds the entry. The lock is an
+        OS file lock, released if its holder dies; without a cache folder it does nothing."""
+        if self.folder is None:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.folder / f"{key}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                print("reference cache: another variant is measuring this reference; waiting for it",
+                      file=sys.stderr, flush=True)
+                lock.acquire()
+        except OSError:  # an unwritable cache folder: measure without the lock (put() says it cannot store)
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
     def get(self, part: str, key: str) -> dict | None:
         if self.folder is None:

@@ -511,10 +511,9 @@ class Session:
                   f"{len(pending)} to run — tracking {self.store.uri_for_display()} "
                   f"(experiment {self.experiment_name!r})", file=out, flush=True)
             if self._threads == 1 and len(pending) > 1:
-                print(f"note: {len(self._slots)} variants at once on the CPU leave each one torch thread; the "
-                      "measurement is compute, so on a small CPU this is no faster than one at a time (2 cores: "
-                      "a 3-variant sweep took 192 s with --jobs 2 against 149 s, results/benchmarks/)",
-                      file=out, flush=True)
+                print(f"note: {len(self._slots)} variants at once on the CPU leave each one torch thread; "
+                      "training and measuring are compute, so on a small CPU this is no faster than one at a time "
+                      "(results/benchmarks/README.md)", file=out, flush=True)
 
         if self.backend is None and (pending or next_variant is not None):
             spawn.warm_up()  # the workers' server imports torch & co while the first variant's run is created

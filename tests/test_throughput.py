@@ -155,6 +155,10 @@ def test_two_variants_at_once_from_the_warm_server_train_exactly_as_one_at_a_tim
     # the two really ran at once: each started before the other ended
     (_, r1), (_, r5) = sweeps["jobs2"]["b1"], sweeps["jobs2"]["b5"]
     assert r1.info.start_time < r5.info.end_time and r5.info.start_time < r1.info.end_time
+    # ... and measured their shared reference once: one measured and stored it, the other waited and read it
+    for part in ("eval", "train"):
+        hits = sorted(r.data.metrics[f"cache/reference_{part}_hit"] for r in (r1, r5))
+        assert hits == [0.0, 1.0], part
     # on two cores, one thread each: the command says this is no faster than one at a time
     assert "leave each one torch thread" in sweeps["jobs2"]["stderr"]
     assert "torch thread" not in sweeps["on"]["stderr"]
