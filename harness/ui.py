@@ -248,7 +248,7 @@ def prepare(results_dir: Path, target: str | None, base: str) -> Links:
         if target:
             raise UiError(f"no grid named {target!r}: {db} holds no runs yet")
         return links
-    client = R.client(uri)
+    client = R.open_client(uri)
     if target:
         name = experiment_name(target)
         exp = client.get_experiment_by_name(name)

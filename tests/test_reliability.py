@@ -284,6 +284,35 @@ def test_a_new_store_is_built_whole_or_not_at_all(tmp_path, monkeypatch, capsys)
     assert f"run: {broken / 'mlflow.db'}: MLflow cannot open this store: " in err, err
     assert "this one holds 0: if none, delete it and run again" in err
     assert "Traceback" not in err and not (broken / "runs").exists()
+    # every command that reads the store opens it the same way: refused alike, the file untouched
+    kept = (broken / "mlflow.db").read_bytes()
+    for command in (["report", "halfbuilt"], ["evaluate", "0123456789abcdef0123456789abcdef"],
+                    ["ui", "halfbuilt", "--port", "5999"]):
+        assert main([*command, "--results", str(broken)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{command[0]}: {broken / 'mlflow.db'}: MLflow cannot open this store: " in err, err
+        assert "Traceback" not in err
+    assert (broken / "mlflow.db").read_bytes() == kept
+
+
+def test_a_sqlite_file_of_another_program_is_not_made_a_store(tmp_path, capsys):
+    """An mlflow.db that some other program wrote (tables, none of MLflow's): MLflow would add its own tables
+    to it. Every command refuses it, exit 2, and leaves it byte for byte as it was."""
+    results = tmp_path / "results"
+    results.mkdir()
+    con = sqlite3.connect(results / "mlflow.db")
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.execute("INSERT INTO notes VALUES ('mine')")
+    con.commit()
+    con.close()
+    kept = (results / "mlflow.db").read_bytes()
+    grid = make_grid(tmp_path, "foreign", "- {method: lora_sft}\n")
+    for command in (["run", str(grid)], ["report", "foreign"], ["ui", "foreign", "--port", "5999"]):
+        assert main([*command, "--results", str(results)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{results / 'mlflow.db'}: this sqlite file is not an MLflow store (its tables: notes)" in err, err
+        assert "Traceback" not in err
+    assert (results / "mlflow.db").read_bytes() == kept and not (results / "runs").exists()
 
 
 def two_variant_grid(folder: Path, name: str) -> Path:

@@ -83,7 +83,7 @@ def client_for(results_dir: Path):
     uri = default_tracking_uri(results_dir)
     check_store(uri)
     reanchor(uri)
-    return client(uri), uri
+    return open_client(uri), uri
 
 
 def search(client, experiment_id: str, query: str) -> list:
@@ -146,8 +146,9 @@ class DiskFullError(StoreError):
 
 
 def check_store(uri: str) -> None:
-    """Refuse a damaged sqlite store (a truncated or overwritten mlflow.db) before MLflow opens it: MLflow
-    would answer with a long SQLAlchemy traceback. Read-only: the file is left exactly as it is."""
+    """Refuse a damaged sqlite store (a truncated or overwritten mlflow.db), or a sqlite file of another program,
+    before MLflow opens it: MLflow would answer the first with a long SQLAlchemy traceback and add its tables to
+    the second. Read-only: the file is left exactly as it is."""
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri.removeprefix("sqlite:///"))
@@ -157,6 +158,7 @@ def check_store(uri: str) -> None:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             result = con.execute("PRAGMA quick_check(1)").fetchone()
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
         problem = None if result == ("ok",) else str(result[0] if result else "no answer")
@@ -165,6 +167,10 @@ def check_store(uri: str) -> None:
     if problem and not any(w in problem.lower() for w in ("locked", "busy")):  # busy is another runner, fine
         raise StoreError(f"{path}: the MLflow store is damaged (sqlite: {problem}); it was left as it is. "
                          f"Restore it from a backup, or give another --results folder")
+    if not problem and tables and not tables & {"experiments", "alembic_version"}:
+        # MLflow would add its tables to another program's database
+        raise StoreError(f"{path}: this sqlite file is not an MLflow store (its tables: "
+                         f"{', '.join(sorted(tables)[:5])}); it was left as it is. Give another --results folder")
 
 
 def _file_path(location: str | None) -> Path | None:
@@ -262,6 +268,45 @@ def _count_runs(db: Path) -> str:
         return "no readable"
 
 
+def open_client(uri: str):
+    """The MLflow client of a store, opened the one way every command opens it: a new sqlite store is built whole
+    (`_create_atomically`) under the store's lock, and a store MLflow cannot open (half-built, another MLflow
+    version's schema, an unwritable folder) raises StoreError naming the file and what to do, never a
+    SQLAlchemy traceback. Callers check the file first (`check_store`)."""
+    if uri.startswith("sqlite:///"):
+        # A new sqlite store is created by running migrations when the client first opens it; several
+        # runners starting at once on one new file would race on that, so they open it under a lock.
+        from filelock import FileLock
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        existed = db.exists() and db.stat().st_size > 0
+        try:
+            if not existed:  # an existing store is complete (built whole), so only its creation takes the lock
+                with FileLock(str(db) + ".lock"):
+                    _create_atomically(db)
+            opened = client(uri)
+            retry(lambda: opened.search_experiments(max_results=1), "initialise store")
+        except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
+            text = str(getattr(e, "orig", None) or e).splitlines()[0]
+            if is_disk_full(e):
+                raise DiskFullError(db.parent, text) from None
+            writable = not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text
+            if writable and existed and type(e).__module__.split(".")[0] in ("sqlalchemy", "mlflow"):
+                # a half-built store (its creation interrupted) or another MLflow version's schema
+                raise StoreError(f"{db}: MLflow cannot open this store: {text.rstrip('.')}. A store whose "
+                                 f"creation was interrupted (before harness built new stores whole) holds no "
+                                 f"runs; this one holds {_count_runs(db)}: if none, delete it and run "
+                                 f"again") from None
+            if writable:
+                raise
+            raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
+                             f"MLflow store there ({text}); check that the folder is writable, or give "
+                             f"another --results folder") from None
+    else:
+        opened = client(uri)
+    return opened
+
+
 class Store:
     """The executor's view of MLflow: experiments, parent/child runs, resume and recovery."""
 
@@ -272,36 +317,7 @@ class Store:
         self.artifact_root = artifact_root
         check_store(uri)
         self.reanchored = reanchor(uri)  # a moved or copied results folder: said by the caller
-        if uri.startswith("sqlite:///"):
-            # A new sqlite store is created by running migrations when the client first opens it; several
-            # runners starting at once on one new file would race on that, so they open it under a lock.
-            from filelock import FileLock
-
-            db = Path(uri.removeprefix("sqlite:///"))
-            existed = db.exists() and db.stat().st_size > 0
-            try:
-                with FileLock(str(db) + ".lock"):
-                    _create_atomically(db)
-                    self.client = client(uri)
-                    retry(lambda: self.client.search_experiments(max_results=1), "initialise store")
-            except Exception as e:  # noqa: BLE001 - a folder we cannot write: PermissionError or sqlite's own
-                text = str(getattr(e, "orig", None) or e).splitlines()[0]
-                if is_disk_full(e):
-                    raise DiskFullError(db.parent, text) from None
-                writable = not isinstance(e, OSError) and "readonly" not in text and "unable to open" not in text
-                if writable and existed and type(e).__module__.split(".")[0] in ("sqlalchemy", "mlflow"):
-                    # a half-built store (its creation interrupted) or another MLflow version's schema
-                    raise StoreError(f"{db}: MLflow cannot open this store: {text.rstrip('.')}. A store whose "
-                                     f"creation was interrupted (before harness built new stores whole) holds no "
-                                     f"runs; this one holds {_count_runs(db)}: if none, delete it and run "
-                                     f"again") from None
-                if writable:
-                    raise
-                raise StoreError(f"{Path(uri.removeprefix('sqlite:///')).parent}: cannot create or write the "
-                                 f"MLflow store there ({text}); check that the folder is writable, or give "
-                                 f"another --results folder") from None
-        else:
-            self.client = client(uri)
+        self.client = open_client(uri)
 
     def uri_for_display(self) -> str:
         return redact(self.uri)
