@@ -244,7 +244,9 @@ def _num(x) -> str:
     return f"{x:g}" if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
 
 
-def describe_movement(g: Group) -> list[str]:
+def describe_movement(g: Group, *, length_told: bool = False) -> list[str]:
+    """The shift, its accuracy, scale and sides. `length_told`: the row's *How much of it is length* split
+    follows (`describe_length`), so the per-token line gives its number and leaves the explaining to it."""
     m, est = g.metrics, g.est
     n = m.get("eval/pairs")
     seeds = f" × {est.seeds} seeds" if est.seeds > 1 else ""
@@ -274,7 +276,9 @@ def describe_movement(g: Group) -> list[str]:
     lines.append(move)
     norm = m.get("eval/norm_margin_shift_mean")
     text = f"Length-normalised (per-token) margin shift: {fmt(norm)} nats/token."
-    if _present(norm) and est.significant and norm * est.mean < 0:
+    if _present(norm) and est.significant and norm * est.mean < 0 and length_told:
+        text += " Its sign is the opposite of the summed shift's: the length split below says why."
+    elif _present(norm) and est.significant and norm * est.mean < 0:
         gainer = "rejected" if est.mean > 0 else "chosen"
         text += (f" It has the opposite sign to the summed shift: per token, the {gainer} completions gained more, "
                  f"and the summed margin moved because the completions differ "
@@ -752,7 +756,7 @@ def build(study: Study, out_dir: Path, *, target: str) -> Path:
         lines += ["## Variants", ""]
         for g in measured:
             lines += [f"### {g.label}", "", f"**Trained**: {describe_training(g)}", ""]
-            lines += [f"- {x}" for x in describe_movement(g)]
+            lines += [f"- {x}" for x in describe_movement(g, length_told=length_split(g, study.pairs) is not None)]
             lines += [f"- {x}" for x in describe_signal(g, measured, study.pairs)]
             lines += [f"- {describe_drift(g)}", ""]
     if unmeasured:

@@ -110,6 +110,20 @@ def test_a_shift_that_is_more_than_all_length_says_per_token_went_the_other_way(
     assert "at equal lengths it would have moved the other way" in text
 
 
+def test_the_per_token_line_leaves_the_explaining_to_the_length_split():
+    """A per-token shift opposite to the summed one is explained once: by the length split when the row has its
+    per-pair table, by the per-token line itself when it has not (nothing else would say it)."""
+    frame = _pairs("", LONG, SHORT, RNG.normal(0.04, 0.002, N_PAIRS), RNG.normal(0.05, 0.002, N_PAIRS), BEFORE)
+    study = _study([({"name": "over", "method": "lora_sft"}, frame)])
+    g = _groups(study)["over"]
+    assert g.est.significant and g.metrics["eval/norm_margin_shift_mean"] < 0 < g.est.mean
+    told = "\n".join(report.describe_movement(g, length_told=True)) + "\n" + _text(study, "over")
+    assert "the length split below says why" in told and "because the completions differ in length" not in told
+    assert told.count("rejected gained more") == 1
+    alone = "\n".join(report.describe_movement(g))
+    assert "because the completions differ in length" in alone and "per token, the rejected completions gained more" in alone
+
+
 def test_equal_lengths_leave_nothing_to_length_and_a_dpo_like_sft_row_is_not_called_imitation():
     # chosen rises, rejected falls, same length: per-token preference only
     frame = _pairs("", LONG, LONG, 0.05, -0.05, BEFORE)
