@@ -10,6 +10,10 @@ overrides -- gradient checkpointing off, the same rows of the built-in data, see
   sweep   a beta sweep of 3 variants (0.05, 0.1, 0.5), 4 pairs x 1 epoch (2 steps each); the harness side
           also once more with --jobs 2 (two variants at once: each on half the cores, or sharing the one GPU)
 
+and `single_warm`: the single variant through the harness once more, in another fresh results folder that
+keeps the first one's reference cache (`cache/`) -- what the next grid on the same base and data pays, the
+reference already measured; its plain side is the single workload's plain script (which has no cache to keep).
+
 "plain" is a generated TRL script per variant (load, train, exit), run one after another; "harness" is
 `python -m harness run` on the equivalent grid in a fresh results folder (so the reference cache starts cold),
 which also measures margins and drift before and after every variant. Wall times are whole processes.
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,7 +81,7 @@ variants:
 {variants}
 """
 
-WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1], "jobs": [1]},
+WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1], "jobs": [1], "warm": True},
              # the sweep also runs with two variants at once (the cores split between them)
              "sweep": {"size": 4, "epochs": 1, "betas": [0.05, 0.1, 0.5], "jobs": [1, 2]}}
 
@@ -103,12 +108,15 @@ def _plain(model_dir: Path, workload: dict, work: Path, precision: str) -> dict:
     return {"wall_seconds": time.monotonic() - t0, "variants": runs}
 
 
-def _harness(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int = 1) -> dict:
+def _harness(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int = 1,
+             cache_from: Path | None = None) -> dict:
     variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
     grid = work / f"{name}.yaml"
     grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
                                 variants=variants, precision=precision))
-    results = work / f"results-{name}-jobs{jobs}"
+    results = work / (f"results-{name}-jobs{jobs}" + ("-warm" if cache_from else ""))
+    if cache_from is not None:  # a new store and runs folder; only the reference cache is kept
+        shutil.copytree(cache_from / "cache", results / "cache")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
                            "--jobs", str(jobs)], capture_output=True, text=True)
@@ -120,7 +128,7 @@ def _harness(model: str, workload: dict, work: Path, name: str, precision: str, 
         r = json.loads(result.read_text())
         runs.append({"train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
                      "steps": r["global_step"], "margin_shift": r["eval_margin_shift_mean"]})
-    return {"wall_seconds": wall, "variants": runs}
+    return {"wall_seconds": wall, "variants": runs, "results": results}
 
 
 def machine() -> dict:
@@ -177,15 +185,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: plain TRL ...", file=sys.stderr, flush=True)
             plain = _plain(model_dir, w, work, precision)
-            for jobs in w["jobs"]:
-                key = name if jobs == 1 else f"{name}_jobs{jobs}"
+            cold = None
+            for jobs, warm in [(j, False) for j in w["jobs"]] + ([(1, True)] if w.get("warm") else []):
+                key = name + (f"_jobs{jobs}" if jobs > 1 else "") + ("_warm" if warm else "")
                 print(f"{key}: harness ...", file=sys.stderr, flush=True)
-                harness = _harness(args.model, w, work, f"bench_{name}", precision, jobs)
+                harness = _harness(args.model, w, work, f"bench_{name}", precision, jobs,
+                                   cache_from=cold if warm else None)
+                ran_in = harness.pop("results")
+                if jobs == 1 and not warm:
+                    cold = ran_in
                 report["workloads"][key] = {
                     "description": f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
                                    + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
-                                      if jobs > 1 else ""),
-                    "jobs": jobs, "plain": plain, "harness": harness,
+                                      if jobs > 1 else "")
+                                   + (", harness with the reference already cached (a new store; the cache of "
+                                      "the run above)" if warm else ""),
+                    "jobs": jobs, "warm_reference": warm, "plain": plain, "harness": harness,
                     "ratio": harness["wall_seconds"] / plain["wall_seconds"],
                     "train_speed_ratio": (sum(v["train_seconds"] for v in plain["variants"])
                                           / sum(v["train_seconds"] for v in harness["variants"])),
