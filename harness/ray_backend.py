@@ -9,9 +9,12 @@ What runs where:
   created and ended here, claims, resume by id, failure isolation, the progress view, a search's Optuna
   study. For each variant it ships the job, the variant's data files (and a stage's trained model) through
   Ray's object store, and writes what comes back into results/runs/<id>/ as a local worker would have.
-- On a Ray node (`run_variant`, one task per variant): the shipped files go into a temporary folder and
-  `python -m harness.worker` runs there as a subprocess — a fresh process per variant, so whatever it held on
-  the GPU is freed when it exits, and it dies with the task. Its output lines reach the driver through a
+- On a Ray node (`run_variant`, one task per variant): the shipped files go into a temporary folder and the
+  variant's worker runs there as a process of its own, started as a local run starts it (`harness.spawn`):
+  forked from a server that the node's Ray worker process started once and that has imported torch & co (the
+  node's later variants skip those ~7 s), or `python -m harness.worker` with HARNESS_WORKER_START=exec. A
+  fresh process per variant, so whatever it held on the GPU is freed when it exits, and it dies with the
+  task. Its output lines reach the driver through a
   `Relay` actor (the live progress view and results/runs/<id>/worker.log); the task returns the worker's
   output folder (result.json or error.json, adapter, a stage's model, ...) as a tar.
 - The MLflow tracking server (`python -m harness server`, on the driver's machine over its results folder):
@@ -51,13 +54,14 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from harness.core.tracking import default_tracking_uri, redact
-from harness.worker import EXIT_INTERRUPTED, PARENT_PID_ENV, PREFIX, THREADS_ENV, TRACKING_URI_ENV
+from harness import spawn
+from harness.worker import EXIT_INTERRUPTED, PREFIX, THREADS_ENV, TRACKING_URI_ENV
 
 INSTALL = 'pip install -e ".[ray]"  (or: pip install "ray==2.60.0")'
 # What a worker on another node gets from this process's environment, besides the tracking URI: the switches
 # that change how a variant trains. Paths (HARNESS_CACHE_DIR, PYTHONPATH) and credentials stay each node's own.
-FORWARDED_ENV = ("HARNESS_FAULT", THREADS_ENV, "HARNESS_REFERENCE_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                 "TOKENIZERS_PARALLELISM")
+FORWARDED_ENV = ("HARNESS_FAULT", THREADS_ENV, "HARNESS_REFERENCE_CACHE", spawn.START_ENV, "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 PROBE_FOLDER = ".harness-probe"  # under results/artifacts, for the moment the server check takes
 RELAY_EVERY = 0.5  # seconds between a task's pushes of output lines (each also asks whether to stop)
 STOP_GRACE = 30.0  # seconds a worker asked to stop gets to write its error.json before it is killed
@@ -264,8 +268,12 @@ class RayBackend:
         remote_job = {k: v for k, v in job.items() if k not in ("out_dir", "stage_dir", "cache_dir")}
         remote_job["artifact_uri"] = artifact_uri
         key = f"{job['variant']['id']}/{job['run_id']}"
-        task = ray.remote(run_variant).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
-                                               retry_exceptions=False, name=f"harness.variant {job['variant']['id']}")
+        # max_calls=0: the node's Ray worker process outlives a GPU task too (Ray's default ends it after one, to
+        # free the GPU; this process never touches the GPU, the variant's own process does and exits), so the
+        # warm server it started serves its next variant.
+        task = ray.remote(max_calls=0)(run_variant).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False,
+            name=f"harness.variant {job['variant']['id']}")
         ref = task.remote(remote_job, data, stage, shipped, self.relay, key)
         return RayWorker(ref, self.relay, key, out_dir, self.max_retries)
 
@@ -495,7 +503,7 @@ def unpack(blob: bytes, folder: Path) -> None:
 
 def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage: bytes | None, env: dict[str, str], relay,
                 key: str) -> dict:
-    """The Ray task: train one variant in a fresh `python -m harness.worker` subprocess, relaying its output.
+    """The Ray task: train one variant in a worker process of its own (`harness.spawn`), relaying its output.
     Returns {"rc": exit code, "outputs": tar of its output folder}."""
     import ray
 
@@ -527,19 +535,21 @@ def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage: bytes | None
         placed = PREFIX + json.dumps({"event": None, "step": 0, "node": host, "pid": pid, "attempt": attempt}) + "\n"
         said = (f"ray: attempt {attempt} on {host}: an earlier attempt's process or node was lost; training again "
                 f"from step 0 into the same run\n" if attempt > 1 else f"ray: running on {host}\n")
-        proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], cwd=tmp,
-                                env={**os.environ, **env, PARENT_PID_ENV: str(pid)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
-        try:
-            _relay_until_exit(proc, relay, key, [placed, said])
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        return {"rc": proc.returncode, "outputs": pack(out_dir, skip=("trainer",))}
+        read_err, write_err = os.pipe()
+        with open(write_err, "w", encoding="utf-8") as log:  # the worker holds its own copy: EOF once it exits
+            proc = spawn.start(job_path, env={**os.environ, **env}, log=log, cwd=root, die_with_parent=True,
+                               how=spawn.mode(env))
+        with open(read_err, encoding="utf-8", errors="replace") as err:
+            try:
+                _relay_until_exit(proc, err, relay, key, [placed, said])
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return {"rc": proc.poll(), "outputs": pack(out_dir, skip=("trainer",))}
 
 
-def _relay_until_exit(proc: subprocess.Popen, relay, key: str, first: list[str]) -> None:
+def _relay_until_exit(proc: spawn.Worker, err: IO[str], relay, key: str, first: list[str]) -> None:
     """Push the worker's lines every RELAY_EVERY seconds until it exits and its pipes are drained; SIGINT it
     when the driver asks to stop, SIGKILL it STOP_GRACE seconds later."""
     import ray
@@ -550,7 +560,7 @@ def _relay_until_exit(proc: subprocess.Popen, relay, key: str, first: list[str])
         for line in stream:
             lines.put(line)
 
-    readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
+    readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in (proc.stdout, err)]
     for r in readers:
         r.start()
     batch, stopping = list(first), None

@@ -20,9 +20,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import IO, Protocol
 
-from harness.worker import THREADS_ENV  # noqa: F401 - the executor sets it through here
+from harness.worker import PARENT_PID_ENV, THREADS_ENV  # noqa: F401 - the executor sets THREADS_ENV through here
 
 START_ENV = "HARNESS_WORKER_START"
 MODES = ("fork", "exec")
@@ -42,9 +43,10 @@ class Worker(Protocol):
     def kill(self) -> None: ...
 
 
-def mode() -> str:
-    """The start method asked for (`HARNESS_WORKER_START`), checked; fork where the platform has it."""
-    asked = os.environ.get(START_ENV, "").strip().lower()
+def mode(environ: Mapping[str, str] | None = None) -> str:
+    """The start method asked for (`HARNESS_WORKER_START` in `environ`, default this process's environment),
+    checked; fork where the platform has it."""
+    asked = (os.environ if environ is None else environ).get(START_ENV, "").strip().lower()
     if asked and asked not in MODES:
         raise ValueError(f"{START_ENV}={asked!r}: expected one of {', '.join(MODES)}")
     if asked == "exec" or "forkserver" not in multiprocessing.get_all_start_methods():
@@ -52,14 +54,20 @@ def mode() -> str:
     return "fork"
 
 
-def start(job_path: Path, *, env: dict[str, str], log: IO, keep_fds: tuple[int, ...] = ()) -> Worker:
+def start(job_path: Path, *, env: dict[str, str], log: IO, keep_fds: tuple[int, ...] = (), cwd: Path | None = None,
+          die_with_parent: bool = False, how: str | None = None) -> Worker:
     """Start the worker for `job_path` with exactly `env` as its environment, stderr into `log`, stdout as
-    the returned object's event stream, and `keep_fds` (a claim's lock) held open for as long as it runs."""
-    if mode() == "exec":
+    the returned object's event stream, and `keep_fds` (a claim's lock) held open for as long as it runs; in
+    `cwd` if given. `die_with_parent`: the worker is SIGKILLed when its parent exits (`HARNESS_PARENT_PID`) --
+    the caller for an exec'd worker; for a forked one the server, which exits when the caller does, so a
+    killed caller takes its workers with it either way. `how`: "fork" or "exec" (default: `mode()`)."""
+    if (how or mode()) == "exec":
+        if die_with_parent:
+            env = {**env, PARENT_PID_ENV: str(os.getpid())}
         return subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], stdout=subprocess.PIPE,
                                 stderr=log, env=env, text=True, bufsize=1, start_new_session=True,
-                                pass_fds=keep_fds)
-    return _Forked(job_path, env, log, keep_fds)
+                                pass_fds=keep_fds, cwd=cwd)
+    return _Forked(job_path, env, log, keep_fds, cwd, die_with_parent)
 
 
 class _Fd:
@@ -116,11 +124,13 @@ def stop() -> None:
 
 
 class _Forked:
-    def __init__(self, job_path: Path, env: dict[str, str], log: IO, keep_fds: tuple[int, ...]):
+    def __init__(self, job_path: Path, env: dict[str, str], log: IO, keep_fds: tuple[int, ...],
+                 cwd: Path | None = None, die_with_parent: bool = False):
         read, write = os.pipe()
         self._process = _server().Process(
             target=_worker_main, name=f"harness.worker {Path(job_path).parent.name}", daemon=False,
-            args=(str(job_path), env, _Fd(write), _Fd(log.fileno()), tuple(_Fd(fd) for fd in keep_fds)))
+            args=(str(job_path), env, _Fd(write), _Fd(log.fileno()), tuple(_Fd(fd) for fd in keep_fds),
+                  str(cwd) if cwd else None, die_with_parent))
         try:
             self._process.start()  # waits for the server to finish importing, the first time
         except BaseException:
@@ -159,9 +169,14 @@ class _Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _worker_main(job_path: str, env: dict[str, str], stdout_fd: int, stderr_fd: int, keep_fds: tuple) -> None:
+def _worker_main(job_path: str, env: dict[str, str], stdout_fd: int, stderr_fd: int, keep_fds: tuple,
+                 cwd: str | None = None, die_with_parent: bool = False) -> None:
     """In the forked worker: become what `python -m harness.worker JOB` would have been, then run it."""
     os.setsid()  # its own session: a Ctrl-C at the terminal reaches the executor, which stops workers itself
+    if cwd:
+        os.chdir(cwd)
+    if die_with_parent:  # the server: it exits when the process that started it does (EOF on its alive pipe)
+        env = {**env, PARENT_PID_ENV: str(os.getppid())}
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     os.close(stdout_fd)

@@ -206,7 +206,7 @@ def compared(metrics: dict) -> dict:
 
 
 def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, server, cluster, monkeypatch, capsys):
-    # One torch thread each way: forked local workers and Ray's subprocess workers then compute bit for bit alike.
+    # One torch thread each way: local workers and Ray's (both forked from a warm server) compute bit for bit alike.
     monkeypatch.setenv("HARNESS_THREADS", "1")
     grid = tmp_path / "tiny_ray_equal.yaml"
     grid.write_text(STAGED)
@@ -227,6 +227,8 @@ def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, se
         assert mine.data.tags[R.TAG_VARIANT] == theirs.data.tags[R.TAG_VARIANT]
         assert theirs.data.tags[R.TAG_EXECUTOR] == "ray" and mine.data.tags[R.TAG_EXECUTOR] == "local"
         assert theirs.data.tags[R.TAG_ATTEMPT] == "1" and theirs.data.tags[R.TAG_THREADS] == "1"
+        # on the node, too, the worker was forked from a server that had imported torch & co, not exec'd
+        assert theirs.data.tags[R.TAG_WORKER_START] == mine.data.tags[R.TAG_WORKER_START] == "fork"
         a, b = compared(mine.data.metrics), compared(theirs.data.metrics)
         assert set(a) == set(b) and len(a) > 30
         off = {k: (a[k], b[k]) for k in a if not math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9)}
@@ -254,27 +256,32 @@ def test_grid_on_ray_equals_the_local_executor_and_a_rerun_skips_it(tmp_path, se
 
 
 def _worker_of(variant: str, experiment_runs: set[str]) -> tuple[int, dict] | None:
-    """(pid, job) of the first attempt's harness.worker process a Ray task of this test started for `variant`."""
+    """(pid, job) of the first attempt's worker process a Ray task of this test started for `variant`: the process
+    working in the task's temporary folder (forked workers carry their server's command line, not the job's)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"harness.worker" not in cmd or len(cmd) < 2 or b"harness-ray-" not in cmd[-2]:
-            continue
-        try:
-            job = json.loads(Path(cmd[-2].decode()).read_text())
+            cwd = Path(os.readlink(entry / "cwd"))
+            job = json.loads((cwd / "job.json").read_text()) if cwd.name.startswith("harness-ray-") else None
         except (OSError, ValueError):
             continue
-        if job["variant"]["spec"]["name"] == variant and job["run_id"] in experiment_runs and job["attempt"] == 1:
+        if job and job["variant"]["spec"]["name"] == variant and job["run_id"] in experiment_runs \
+                and job["attempt"] == 1:
             return int(entry.name), job
     return None
 
 
 def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _ray_task_of(worker: int) -> int:
+    """The Ray worker process running the task: the worker's parent, or, for a forked worker, its server's."""
+    parent = _parent_of(worker)
+    if b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes():
+        parent = _parent_of(parent)
+    return parent
 
 
 def test_a_lost_task_is_retried_into_its_run_and_a_killed_worker_fails_never_running(tmp_path, server, cluster,
@@ -297,7 +304,7 @@ def test_a_lost_task_is_retried_into_its_run_and_a_killed_worker_fails_never_run
             found = _worker_of(variant, ids)
             if found and client.get_metric_history(found[1]["run_id"], "train/loss"):
                 pid = found[0]
-                victim = _parent_of(pid) if target == "task" else pid
+                victim = _ray_task_of(pid) if target == "task" else pid
                 os.kill(victim, signal.SIGKILL)
                 done[variant] = pid
                 return
