@@ -10,7 +10,13 @@ overrides -- gradient checkpointing off, the same rows of the built-in data, see
   sweep   a beta sweep of 3 variants (0.05, 0.1, 0.5), 4 pairs x 1 epoch (2 steps each); the harness side
           also once more with --jobs 2 (two variants at once: each on half the cores, or sharing the one GPU)
 
-and `single_warm`: the single variant through the harness once more, in another fresh results folder that
+With `--ray` (needs the `[ray]` extra), instead: the sweep through `--executor ray` on a local Ray instance
+started by the command and a `harness server` over its results folder, `--cpus-per-variant` = all cores (one
+variant at a time, as the local sweep), twice: the node's workers started as they were before the warm server
+reached Ray (`HARNESS_WORKER_START=exec`: a fresh interpreter per variant) and forked from it (the default).
+Each of those runs has a cache folder of its own (the model linked in), so both measure a cold reference.
+
+And `single_warm`: the single variant through the harness once more, in another fresh results folder that
 keeps the first one's reference cache (`cache/`) -- what the next grid on the same base and data pays, the
 reference already measured; its plain side is the single workload's plain script (which has no cache to keep).
 
@@ -27,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,6 +138,70 @@ def _harness(model: str, workload: dict, work: Path, name: str, precision: str, 
     return {"wall_seconds": wall, "variants": runs, "results": results}
 
 
+def _local(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int, warm: bool,
+           cold: list[Path]) -> dict:
+    """`_harness`, remembering the first cold one-at-a-time run's folder (in `cold`) for the warm run to copy."""
+    harness = _harness(model, workload, work, name, precision, jobs, cache_from=cold[0] if warm else None)
+    ran_in = harness.pop("results")
+    if jobs == 1 and not warm and not cold:
+        cold.append(ran_in)
+    return harness
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _harness_ray(model: str, workload: dict, work: Path, name: str, precision: str, start: str) -> dict:
+    """The workload through `--executor ray` (a local Ray instance the command starts), workers started `start`."""
+    from experiments.models import cache_dir
+
+    variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
+    grid = work / f"{name}.yaml"
+    grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
+                                variants=variants, precision=precision))
+    results, cache = work / f"results-{name}-ray-{start}", work / f"cache-ray-{start}"
+    cache.mkdir()
+    for entry in cache_dir().iterdir():  # the materialised models, not the reference cache
+        if entry.is_dir() and (entry / "config.json").is_file():
+            (cache / entry.name).symlink_to(entry)
+    env = {**os.environ, "HARNESS_CACHE_DIR": str(cache), "HARNESS_WORKER_START": start,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "harness", "server", "--port", str(port), "--results",
+                               str(results), "--workers", "1"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in server.stdout:
+            if "server: ready on" in line:
+                break
+        else:
+            raise SystemExit(f"harness server did not start (exit {server.wait()})")
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
+                               "--executor", "ray", "--tracking-uri", f"http://127.0.0.1:{port}",
+                               "--cpus-per-variant", str(os.cpu_count())], capture_output=True, text=True, env=env)
+        wall = time.monotonic() - t0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        raise SystemExit(f"harness run --executor ray failed:\n{proc.stderr[-3000:]}")
+    runs = []
+    for result in sorted(results.glob("runs/*/result.json"), key=lambda p: p.stat().st_mtime):
+        r = json.loads(result.read_text())
+        runs.append({"train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
+                     "steps": r["global_step"], "margin_shift": r["eval_margin_shift_mean"]})
+    return {"wall_seconds": wall, "variants": runs}
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -162,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="a model with safetensors weights")
     p.add_argument("--only", choices=sorted(WORKLOADS), help="run one workload")
-    p.add_argument("--out", default="results/benchmarks/throughput.json")
+    p.add_argument("--out", help="default results/benchmarks/throughput.json")
+    p.add_argument("--ray", action="store_true", help="the sweep through --executor ray instead, its workers exec'd "
+                   "and forked (default --out results/benchmarks/throughput-ray.json)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="both sides' precision; auto: bf16 on a GPU that supports it, else fp32 (the harness's rule)")
     args = p.parse_args(argv)
@@ -178,36 +251,42 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "model": args.model,
               "device": device, "precision": precision, "workloads": {}}
+    out = Path(args.out or f"results/benchmarks/throughput{'-ray' if args.ray else ''}.json")
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         work = Path(tmp)
         for name, w in WORKLOADS.items():
-            if args.only and name != args.only:
+            if (args.only and name != args.only) or (args.ray and name != "sweep"):
                 continue
             print(f"{name}: plain TRL ...", file=sys.stderr, flush=True)
             plain = _plain(model_dir, w, work, precision)
-            cold = None
-            for jobs, warm in [(j, False) for j in w["jobs"]] + ([(1, True)] if w.get("warm") else []):
-                key = name + (f"_jobs{jobs}" if jobs > 1 else "") + ("_warm" if warm else "")
+            what = f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
+            if args.ray:
+                sides = [(f"{name}_ray_{start}", f"{what}, harness --executor ray, workers {how}", 1, False,
+                          lambda start=start: _harness_ray(args.model, w, work, f"bench_{name}", precision, start))
+                         for start, how in (("exec", "exec'd (a fresh interpreter each)"),
+                                            ("fork", "forked from the node's warm server"))]
+            else:
+                sides = []
+                cold: list[Path] = []
+                for jobs, warm in [(j, False) for j in w["jobs"]] + ([(1, True)] if w.get("warm") else []):
+                    key = name + (f"_jobs{jobs}" if jobs > 1 else "") + ("_warm" if warm else "")
+                    text = what + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
+                                   if jobs > 1 else "") + (", harness with the reference already cached (a new "
+                                                           "store; the cache of the run above)" if warm else "")
+                    sides.append((key, text, jobs, warm, lambda jobs=jobs, warm=warm, cold=cold: _local(
+                        args.model, w, work, f"bench_{name}", precision, jobs, warm, cold)))
+            for key, text, jobs, warm, run in sides:
                 print(f"{key}: harness ...", file=sys.stderr, flush=True)
-                harness = _harness(args.model, w, work, f"bench_{name}", precision, jobs,
-                                   cache_from=cold if warm else None)
-                ran_in = harness.pop("results")
-                if jobs == 1 and not warm:
-                    cold = ran_in
+                harness = run()
                 report["workloads"][key] = {
-                    "description": f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
-                                   + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
-                                      if jobs > 1 else "")
-                                   + (", harness with the reference already cached (a new store; the cache of "
-                                      "the run above)" if warm else ""),
-                    "jobs": jobs, "warm_reference": warm, "plain": plain, "harness": harness,
+                    "description": text, "jobs": jobs, "warm_reference": warm, "plain": plain, "harness": harness,
                     "ratio": harness["wall_seconds"] / plain["wall_seconds"],
                     "train_speed_ratio": (sum(v["train_seconds"] for v in plain["variants"])
                                           / sum(v["train_seconds"] for v in harness["variants"])),
                     "measure_share_of_train": (sum(v["measure_seconds"] for v in harness["variants"])
                                                / sum(v["train_seconds"] for v in harness["variants"]))}
                 print(textwrap.indent(json.dumps(report["workloads"][key], indent=1), "  "), file=sys.stderr)
-                write(report, Path(args.out))  # after every workload: an interrupted benchmark keeps what it has
+                write(report, out)  # after every workload: an interrupted benchmark keeps what it has
     print(markdown(report))
     return 0
 
