@@ -14,9 +14,9 @@ What runs where:
   forked from a server that the node's Ray worker process started once and that has imported torch & co (the
   node's later variants skip those ~7 s), or `python -m harness.worker` with HARNESS_WORKER_START=exec. A
   fresh process per variant, so whatever it held on the GPU is freed when it exits, and it dies with the
-  task. Its output lines reach the driver through a
-  `Relay` actor (the live progress view and results/runs/<id>/worker.log); the task returns the worker's
-  output folder (result.json or error.json, adapter, a stage's model, ...) as a tar.
+  task. Its output lines reach the driver through a `Relay` actor (the live progress view and
+  results/runs/<id>/worker.log); the task returns the worker's output folder (result.json or error.json,
+  adapter, a stage's model, ...) as a tar.
 - The MLflow tracking server (`python -m harness server`, on the driver's machine over its results folder):
   every worker logs metrics and tags to it over HTTP and uploads artifacts through it, to the same places in
   results/artifacts/ a local run writes them.
@@ -53,8 +53,8 @@ from typing import IO, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from harness.core.tracking import default_tracking_uri, redact
 from harness import spawn
+from harness.core.tracking import default_tracking_uri, redact
 from harness.worker import EXIT_INTERRUPTED, PREFIX, THREADS_ENV, TRACKING_URI_ENV
 
 INSTALL = 'pip install -e ".[ray]"  (or: pip install "ray==2.60.0")'
