@@ -15,8 +15,9 @@ pairs) under a key made of *content*, never names:
 A changed byte in any of these makes a new key, so a stale entry is never used. Entries live in
 `results/cache/reference/` as safetensors (tensors) plus JSON (numbers), written atomically, so concurrent
 workers can share the folder; a worker about to measure an entry holds a lock on its key (`measuring`), so
-variants running at once (`--jobs N`) measure a shared reference once: the others wait for it and read it. `HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training
-pairs' reference log-probs by TRL, see `experiments/dpo_lora.py`) off.
+variants running at once (`--jobs N`) measure a shared reference once: the others wait for it and read it.
+`HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training pairs' reference log-probs by TRL,
+see `experiments/dpo_lora.py`) off.
 """
 
 from __future__ import annotations

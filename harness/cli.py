@@ -425,9 +425,9 @@ def cmd_ui(args) -> int:
     if args.workers < 1:
         print(f"ui: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.host not in ui.LOOPBACK and not args.allow_remote:
-        print(f"ui: --host {args.host} would let other machines read and change every run (the MLflow server has no "
-              f"login); add --allow-remote to mean it, or leave --host out for 127.0.0.1", file=sys.stderr)
+    refused = ui.remote_refused("ui", args.host, args.allow_remote)
+    if refused:
+        print(refused, file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.host not in ui.LOOPBACK:  # allowed, and said at once
         print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "

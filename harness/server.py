@@ -23,11 +23,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from harness.ui import port_taken, stop_group  # the same checks and stop as `harness ui`
+from harness.ui import LOOPBACK, port_taken, remote_refused, stop_group  # the same checks and stop as `harness ui`
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def health(uri: str, timeout: float = 5.0) -> str | None:
@@ -65,10 +64,9 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
     server's own."""
     from harness.core.runs import StoreError, check_store
 
-    if host not in LOOPBACK and not allow_remote:
-        print(f"server: --host {host} would let other machines read and change every run (this MLflow server has "
-              f"no authentication); add --allow-remote to mean it, or leave --host out for 127.0.0.1",
-              file=sys.stderr)
+    refused = remote_refused("server", host, allow_remote)
+    if refused:
+        print(refused, file=sys.stderr)
         return EXIT_BAD_INPUT
 
     results = results.resolve()

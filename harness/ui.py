@@ -289,6 +289,15 @@ def prepare(results_dir: Path, target: str | None, base: str) -> Links:
     return links
 
 
+def remote_refused(command: str, host: str, allow_remote: bool) -> str | None:
+    """Why `command` (`ui`, `server`) will not bind `host`: one other machines can reach, without --allow-remote
+    (an MLflow server has no login: anyone reaching it reads and changes every run). None when it may."""
+    if host in LOOPBACK or allow_remote:
+        return None
+    return (f"{command}: --host {host} would let other machines read and change every run (the MLflow server has "
+            f"no login); add --allow-remote to mean it, or leave --host out for 127.0.0.1")
+
+
 def port_taken(host: str, port: int) -> str | None:
     """Why (host, port) cannot be listened on, or None. The MLflow server itself reports a taken port and
     exits 0, so it is asked here first (SO_REUSEADDR, as the server binds: a port in TIME_WAIT is free)."""
