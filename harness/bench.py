@@ -115,37 +115,41 @@ def _plain(model_dir: Path, workload: dict, work: Path, precision: str) -> dict:
     return {"wall_seconds": time.monotonic() - t0, "variants": runs}
 
 
-def _harness(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int = 1,
-             cache_from: Path | None = None) -> dict:
+def _grid(model: str, workload: dict, work: Path, name: str, precision: str) -> Path:
     variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
     grid = work / f"{name}.yaml"
     grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
                                 variants=variants, precision=precision))
-    results = work / (f"results-{name}-jobs{jobs}" + ("-warm" if cache_from else ""))
-    if cache_from is not None:  # a new store and runs folder; only the reference cache is kept
-        shutil.copytree(cache_from / "cache", results / "cache")
+    return grid
+
+
+def _timed_run(grid: Path, results: Path, extra: list[str], env: dict[str, str] | None = None) -> dict:
+    """`python -m harness run GRID` into `results`: its wall time and each variant's result.json numbers."""
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
-                           "--jobs", str(jobs)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results), *extra],
+                          capture_output=True, text=True, env=env)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"harness run failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"harness run {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     runs = []
     for result in sorted(results.glob("runs/*/result.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(result.read_text())
         runs.append({"train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
                      "steps": r["global_step"], "margin_shift": r["eval_margin_shift_mean"]})
-    return {"wall_seconds": wall, "variants": runs, "results": results}
+    return {"wall_seconds": wall, "variants": runs}
 
 
-def _local(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int, warm: bool,
-           cold: list[Path]) -> dict:
-    """`_harness`, remembering the first cold one-at-a-time run's folder (in `cold`) for the warm run to copy."""
-    harness = _harness(model, workload, work, name, precision, jobs, cache_from=cold[0] if warm else None)
-    ran_in = harness.pop("results")
-    if jobs == 1 and not warm and not cold:
-        cold.append(ran_in)
-    return harness
+def _harness(model: str, workload: dict, work: Path, name: str, precision: str, jobs: int = 1,
+             cache_from: Path | None = None) -> dict:
+    grid = _grid(model, workload, work, name, precision)
+    results = _results_folder(work, name, jobs, warm=cache_from is not None)
+    if cache_from is not None:  # a new store and runs folder; only the reference cache is kept
+        shutil.copytree(cache_from / "cache", results / "cache")
+    return _timed_run(grid, results, ["--jobs", str(jobs)])
+
+
+def _results_folder(work: Path, name: str, jobs: int, warm: bool) -> Path:
+    return work / (f"results-{name}-jobs{jobs}" + ("-warm" if warm else ""))
 
 
 def _free_port() -> int:
@@ -160,10 +164,7 @@ def _harness_ray(model: str, workload: dict, work: Path, name: str, precision: s
     """The workload through `--executor ray` (a local Ray instance the command starts), workers started `start`."""
     from experiments.models import cache_dir
 
-    variants = "\n".join(f"  - {{name: b{i}, dpo: {{beta: {b}}}}}" for i, b in enumerate(workload["betas"]))
-    grid = work / f"{name}.yaml"
-    grid.write_text(GRID.format(name=name, model=model, epochs=workload["epochs"], size=workload["size"],
-                                variants=variants, precision=precision))
+    grid = _grid(model, workload, work, name, precision)
     results, cache = work / f"results-{name}-ray-{start}", work / f"cache-ray-{start}"
     cache.mkdir()
     for entry in cache_dir().iterdir():  # the materialised models, not the reference cache
@@ -181,25 +182,14 @@ def _harness_ray(model: str, workload: dict, work: Path, name: str, precision: s
                 break
         else:
             raise SystemExit(f"harness server did not start (exit {server.wait()})")
-        t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results),
-                               "--executor", "ray", "--tracking-uri", f"http://127.0.0.1:{port}",
-                               "--cpus-per-variant", str(os.cpu_count())], capture_output=True, text=True, env=env)
-        wall = time.monotonic() - t0
+        return _timed_run(grid, results, ["--executor", "ray", "--tracking-uri", f"http://127.0.0.1:{port}",
+                                          "--cpus-per-variant", str(os.cpu_count())], env)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-    if proc.returncode != 0:
-        raise SystemExit(f"harness run --executor ray failed:\n{proc.stderr[-3000:]}")
-    runs = []
-    for result in sorted(results.glob("runs/*/result.json"), key=lambda p: p.stat().st_mtime):
-        r = json.loads(result.read_text())
-        runs.append({"train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
-                     "steps": r["global_step"], "margin_shift": r["eval_margin_shift_mean"]})
-    return {"wall_seconds": wall, "variants": runs}
 
 
 def machine() -> dict:
@@ -267,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                                             ("fork", "forked from the node's warm server"))]
             else:
                 sides = []
-                cold: list[Path] = []
                 for jobs, warm in [(j, False) for j in w["jobs"]] + ([(1, True)] if w.get("warm") else []):
                     key = name + (f"_jobs{jobs}" if jobs > 1 else "") + ("_warm" if warm else "")
                     text = what + (f", harness --jobs {jobs} (plain: the same scripts, one after another)"
                                    if jobs > 1 else "") + (", harness with the reference already cached (a new "
                                                            "store; the cache of the run above)" if warm else "")
-                    sides.append((key, text, jobs, warm, lambda jobs=jobs, warm=warm, cold=cold: _local(
-                        args.model, w, work, f"bench_{name}", precision, jobs, warm, cold)))
+                    cold = _results_folder(work, f"bench_{name}", 1, warm=False)  # the warm run keeps its cache
+                    sides.append((key, text, jobs, warm, lambda jobs=jobs, warm=warm, cold=cold: _harness(
+                        args.model, w, work, f"bench_{name}", precision, jobs, cache_from=cold if warm else None)))
             for key, text, jobs, warm, run in sides:
                 print(f"{key}: harness ...", file=sys.stderr, flush=True)
                 harness = run()
