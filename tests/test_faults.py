@@ -59,10 +59,16 @@ def statuses_by_name(results: Path, grid: str) -> dict[str, list[str]]:
     return out
 
 
+def _interruptible() -> None:
+    # A suite started as a background job of a non-interactive shell inherits SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: the runner under test gets Ctrl-C's default back, as a terminal would give it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def runner(grid: Path, results: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results)],
                             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible)
 
 
 def wait_for(predicate, timeout: float = 300.0, what: str = "condition"):
