@@ -54,11 +54,19 @@ class RunContext:
 # ---------------------------------------------------------------- data
 
 
+def variant_rows(ctx: RunContext, key: str) -> list[dict]:
+    """Every row of the variant's data.train or data.eval file, refused unless it is the content the variant's
+    id was computed from (a file edited while the grid ran must not be recorded under the old id)."""
+    try:
+        return D.read_rows(Path(ctx.variant.data_paths[key]), expect=ctx.variant.data_fingerprints.get(key))
+    except D.DataError as e:
+        raise VariantError(f"data.{key}: {e}") from None
+
+
 def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
     """Selected training rows for this variant (before the audit drops unusable ones)."""
     spec = ctx.spec
-    path = Path(ctx.variant.data_paths["train"])
-    all_rows = D.read_rows(path)
+    all_rows = variant_rows(ctx, "train")
     ctx.train_indices = D.select_indices(len(all_rows), spec.data.size, spec.data.shuffle_seed)
     rows = [all_rows[i] for i in ctx.train_indices]
     rows = D.preference_rows(rows) if kind == "preference" else D.sft_rows(rows)
@@ -235,8 +243,8 @@ def measurement_setup(ctx: RunContext) -> "E.Setup":
     """What `evaluate` scores for this variant: every row of data.eval, and the selected training rows when
     the training file holds preference pairs (SFT methods train on their chosen side)."""
     spec = ctx.spec
-    eval_rows = D.read_rows(Path(ctx.variant.data_paths["eval"]))
-    all_train = D.read_rows(Path(ctx.variant.data_paths["train"]))
+    eval_rows = variant_rows(ctx, "eval")
+    all_train = variant_rows(ctx, "train")
     train_idx = D.select_indices(len(all_train), spec.data.size, spec.data.shuffle_seed)
     train_rows = [D.preference_rows([all_train[i]])[0] | {"category": all_train[i].get("category", "")}
                   for i in train_idx] if D.data_format(all_train[0]) == "preference" else None

@@ -15,6 +15,7 @@ and is logged with it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -39,6 +40,8 @@ def resolve_data_path(value: str, base_dir: Path, split: str = "train") -> Path:
         path = base_dir / path
     if path.suffix not in SUFFIXES:
         raise DataError(f"{value!r}: expected 'builtin' or a file ending in {', '.join(SUFFIXES)}")
+    if path.is_dir():
+        raise DataError(f"{value!r}: is a directory ({path}); give a data file ending in {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{value!r}: no such file ({path})")
     # Absolute, but not through symlinks: the file is read by the name given (its suffix says the format),
@@ -47,15 +50,34 @@ def resolve_data_path(value: str, base_dir: Path, split: str = "train") -> Path:
 
 
 def fingerprint(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _fingerprint(path.read_bytes())
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a data file as dicts; conversational CSV cells are decoded from JSON."""
+def _fingerprint(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+class DataChanged(DataError):
+    """The file's content is not the content a variant's id was computed from."""
+
+
+def read_rows(path: Path, *, expect: str | None = None) -> list[dict]:
+    """Rows of a data file as dicts; conversational CSV cells are decoded from JSON.
+
+    `expect`: the fingerprint the caller's variant id names. The rows are parsed from the very bytes that are
+    hashed, so a file edited after the grid was loaded is refused, never trained on under the old id."""
     try:
-        return _read_rows(path)
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    if expect is not None and _fingerprint(data) != expect:
+        raise DataChanged(f"{path}: changed since the grid was loaded (content {_fingerprint(data)}, the variant's "
+                          f"id was computed from {expect}); nothing was trained on it: run the grid again to "
+                          f"train on the new content under a new id")
+    try:
+        return _read_rows(path, data)
     except UnicodeDecodeError:
-        raise DataError(f"{path}: {not_utf8(path.read_bytes())}; save it as UTF-8") from None
+        raise DataError(f"{path}: {not_utf8(data)}; save it as UTF-8") from None
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - pandas and pyarrow raise many types for a file that is not what it says
@@ -73,24 +95,26 @@ def not_utf8(data: bytes) -> str:
     return ""
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, data: bytes) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+        # split on "\n" only, as reading the file by lines does: str.splitlines() would also split inside a
+        # JSON string holding a raw U+2028, which JSON allows
+        for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
         return rows
     import pandas as pd
 
-    frame = pd.read_csv(path, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    frame = (pd.read_csv(io.BytesIO(data), keep_default_na=False) if path.suffix == ".csv"
+             else pd.read_parquet(io.BytesIO(data)))
     rows = frame.to_dict(orient="records")
     for row in rows:
         for key, value in row.items():
@@ -161,6 +185,11 @@ def check_file(path: Path, kind: str) -> int:
                 problems.setdefault(f"empty '{key}'", []).append(i)
         if fmt == "preference" and all(k in row for k in fields) and row["chosen"] == row["rejected"]:
             problems.setdefault("chosen == rejected (no preference signal)", []).append(i)
+        kinds = {key: type(row[key]) for key in fields if key in row and _is_field(row[key])}
+        if len(set(kinds.values())) > 1:
+            told = ", ".join(f"'{k}' {'messages' if t is list else 'a string'}" for k, t in kinds.items())
+            problems.setdefault(f"mixed plain strings and conversations ({told}); a row's fields are all plain "
+                                f"strings or all lists of {{role, content}} messages", []).append(i)
     if problems:
         lines = [f"{what} in row(s) {_rows_list(rows_)}" for what, rows_ in problems.items()]
         raise DataError(f"{path}: unusable rows: " + "; ".join(lines))

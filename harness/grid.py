@@ -37,6 +37,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +59,12 @@ from harness.core.schema import (
     relevant_config,
     unflatten,
 )
+from harness.core.tracking import token_shaped
 from harness.core.variant import Variant, fmt_value, group_id, run_name, variant_id
 
 GRID_KEYS = ("name", "description", "defaults", "variants", "axes", "exclude", "seeds")
 MAX_SEEDS = 100  # replicates per variant; more is a typo (`seeds: 1000`), not a design
+MAX_VARIANTS = 10_000  # before exclusion; `run` asks for --yes above 100 already, this many is an axis too many
 
 
 class GridError(Exception):
@@ -224,9 +227,16 @@ def read(path: str | Path, errors: list[str], *, extra_keys: tuple[str, ...] = (
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         fatal.append(f"{file}: name: expected a short identifier like 'two_round' (letters, digits, _ . -), "
                      f"got {name!r}")
+    elif token_shaped(name):
+        fatal.append(f"{file}: name: {name[:6]}… has the shape of {token_shaped(name)}; a grid's name is kept in "
+                     f"clear (the MLflow experiment, folders under results/): choose a name that is not a key")
     defaults = raw.get("defaults") or {}
     axes = raw.get("axes") or {}
-    entries = raw.get("variants") or [{}]
+    entries = raw.get("variants")
+    if entries == []:
+        fatal.append(f"{file}: variants: an empty list; list at least one variant, or leave `variants:` out to run "
+                     f"the defaults (times the axes) alone")
+    entries = entries or [{}]
     excludes = raw.get("exclude") or []
     for key, val, typ in (("defaults", defaults, dict), ("axes", axes, dict),
                           ("variants", entries, list), ("exclude", excludes, list)):
@@ -345,6 +355,13 @@ def expand(raw: RawGrid, errors: list[str]) -> list[Candidate]:
     """defaults × variants × product(axes), schema-validated, minus excluded. Schema errors go to `errors`
     (with the key path they came from) and the variants that did parse go on to the next steps, so every
     problem shows at once."""
+    per_entry = math.prod(len(v) for _, v in raw.axes) * max(len(raw.seeds), 1)
+    count = sum(1 if e.get("name") in raw.stage_names else per_entry for e in raw.entries)
+    if count > MAX_VARIANTS:  # counted before anything is built: 2**19 combinations took minutes and gigabytes
+        axes = " × ".join(f"{p} ({len(v)})" for p, v in raw.axes) or "no axes"
+        raise GridError([f"{raw.file}: expands to {count:,} variants ({len(raw.entries)} variant entries × {axes}"
+                         f"{f' × {len(raw.seeds)} seeds' if raw.seeds else ''}), before exclusion; a grid may "
+                         f"have at most {MAX_VARIANTS:,}: split it, or sweep fewer values at once"])
     combos = [dict(zip([p for p, _ in raw.axes], values, strict=True))
               for values in itertools.product(*[v for _, v in raw.axes])] if raw.axes else [{}]
     axis_index = {p: vals for p, vals in raw.axes}
@@ -451,9 +468,10 @@ def _check_stage(spec: VariantSpec, by_name: dict[str, VariantSpec], all_names: 
 
 def _check_data(raw: RawGrid, candidates: list[Candidate], errors: list[str],
                 check_data: bool) -> dict[int, dict[str, str]]:
-    """Resolve data paths, check each file's structure once."""
+    """Resolve data paths; check each file's structure once per use (as training data of a kind, or as
+    evaluation pairs) and every variant's `data.size` against the rows of its file."""
     paths_by_candidate: dict[int, dict[str, str]] = {}
-    checked: set[str] = set()
+    rows_of: dict[tuple[str, str], int | None] = {}  # (path, kind) -> row count; None: the file was refused
     for n, c in enumerate(candidates):
         spec, paths = c.spec, {}
         for key in ("train", "eval"):
@@ -463,16 +481,17 @@ def _check_data(raw: RawGrid, candidates: list[Candidate], errors: list[str],
                 errors.append(f"{raw.file}: {c.source}: data.{key}: {e}")
                 continue
             paths[key] = str(p)
-            if str(p) in checked or not check_data:
+            if not check_data:
                 continue
-            checked.add(str(p))
             kind = "preference" if key == "eval" else spec.method_record.data_kind
-            try:
-                rows = D.check_file(p, kind)
-            except D.DataError as e:
-                errors.append(f"{raw.file}: {c.source}: data.{key}: {e}")
-                continue
-            if key == "train" and spec.data.size and spec.data.size > rows:
+            if (str(p), kind) not in rows_of:
+                try:
+                    rows_of[str(p), kind] = D.check_file(p, kind)
+                except D.DataError as e:
+                    rows_of[str(p), kind] = None
+                    errors.append(f"{raw.file}: {c.source}: data.{key}: {e}")
+            rows = rows_of[str(p), kind]
+            if key == "train" and rows is not None and spec.data.size and spec.data.size > rows:
                 errors.append(f"{raw.file}: {c.source}: data.size: {spec.data.size} rows requested but {p.name} "
                               f"has {rows}")
         paths_by_candidate[n] = paths
@@ -517,6 +536,7 @@ def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, di
         seen[vid] = c
         variants.append(Variant(spec=c.spec, id=vid, run_name=run_name(c.spec, varying), grid=raw.name,
                                 source=c.source, parent_id=parent_id, data_paths=data_paths[n],
+                                data_fingerprints={k: fingerprints[p] for k, p in data_paths[n].items()},
                                 grid_dir=str(raw.dir), group_id=groups[n]))
     variants = _number_replicates(variants)
     variants.sort(key=lambda v: v.parent_id is not None)  # stages first; stable otherwise

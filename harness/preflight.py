@@ -76,6 +76,9 @@ def check_variants(path, variants: list[Variant], device: str | None) -> list[st
                               f"has no chat template; use a chat model or plain-string data")
         if tok is not None:
             errors.extend(f"{where}: {e}" for e in _usable_under_max_length(v, tok, audits))
+            problem = _probe_fits(spec.eval.probe_length, model, tok, name)
+            if problem:
+                errors.append(f"{where}: eval.probe_length: {problem}")
         if tok is not None and tok.pad_token is None and tok.eos_token is None:
             errors.append(f"{where}: base_model: {name}'s tokenizer has neither a pad nor an eos token")
     return list(dict.fromkeys(errors))
@@ -103,3 +106,26 @@ def _usable_under_max_length(v, tok, audits: dict[tuple, bool]) -> list[str]:
                        f"{'selected training row' if key == 'train' else 'evaluation pair'} of {path}, so nothing "
                        f"is left to {'train on' if key == 'train' else 'measure'}; raise data.max_length")
     return out
+
+
+def _probe_fits(length: int, model, tok, name: str) -> str | None:
+    """The drift probes generate `length` tokens after each probe prompt: past the model's positions that is
+    an error deep inside generation (or, with rotary embeddings, hours of extrapolated nonsense)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    from experiments import evaluate as E
+
+    longest = 0
+    for prompt in E.probe_prompts():
+        if isinstance(prompt, list):
+            if not getattr(tok, "chat_template", None):
+                continue  # conversational probes on a model without a template: reported as a data problem
+            ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+            longest = max(longest, len(ids["input_ids"]))
+        else:
+            longest = max(longest, len(tok(text=prompt)["input_ids"]))
+    if longest + length <= positions:
+        return None
+    return (f"{length} tokens after probe prompts of up to {longest} tokens exceed {name}'s {positions} positions "
+            f"(max_position_embeddings); use at most {max(positions - longest, 1)}")

@@ -277,20 +277,40 @@ def _parse_objectives(objectives: Any, file: str, errors: list[str]) -> list[Obj
 # ---------------------------------------------------------------- the study
 
 
+class SearchError(Exception):
+    """A search that cannot start (a bad --timeout, a --storage URL that cannot be opened, a file that is not a
+    journal): one line for the user, said before any trial or run is created."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return redact(text.splitlines()[0] if text else type(e).__name__)
+
+
 def storage_for(spec: SearchSpec, results_dir: Path, url: str | None):
-    """(Optuna storage, description logged with the study). A journal file under results/ by default."""
+    """(Optuna storage, description logged with the study). A journal file under results/ by default.
+    Raises SearchError, naming the URL (password masked) or the file, for a storage that cannot be opened."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url:
-        return optuna.storages.RDBStorage(url), redact(url)
+        try:
+            return optuna.storages.RDBStorage(url), redact(url)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises a type per dialect and failure
+            raise SearchError(f"--storage {redact(url)}: cannot open it ({_first_line(e)}); expected a database "
+                               f"URL SQLAlchemy can reach, e.g. sqlite:////abs/path/study.db (its folder must exist) "
+                               f"or postgresql://user@host/db (needs a driver such as psycopg2)") from None
     folder = results_dir / "search"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{spec.name}.journal"
     # an open()-based lock: works on file systems without symlinks, and stale locks time out
     backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path) + ".lock"))
-    return JournalStorage(backend), f"journal:{path.relative_to(results_dir)}"
+    try:
+        return JournalStorage(backend), f"journal:{path.relative_to(results_dir)}"
+    except ValueError as e:  # json.JSONDecodeError, or a record Optuna does not know: the log is replayed here
+        raise SearchError(f"{path}: not an Optuna journal ({_first_line(e)}); the search keeps its study there: "
+                           f"move the file away, or give another --storage") from None
 
 
 def _sampler(spec: SearchSpec):
@@ -398,6 +418,8 @@ class Search:
         self.workers = workers
         self.timeout = timeout
         self.stream = stream or sys.stderr
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+            raise SearchError(f"--timeout: expected a positive number of seconds, got {timeout:g}")
         self.storage, self.storage_text = storage_for(spec, results_dir, storage_url)
         self.study = open_study(spec, self.storage)
         self.force = force

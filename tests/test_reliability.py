@@ -51,12 +51,12 @@ def variant_runs(results: Path, grid: str) -> list:
 
 
 def test_planted_secrets_reach_no_file_no_database_no_console(tmp_path):
-    """A secret in the environment (HF_TOKEN, a password in MLFLOW_TRACKING_URI's place) and short
+    """A secret in the environment (HF_TOKEN, a password in MLFLOW_TRACKING_URI's place) and real-length
     token-shaped strings in a name and a description end up nowhere: not in any file under results/ (job
     files, logs, artifacts, the database), not in what plan, validate or run print."""
     env_token = "hf-env-" + "Z" * 12  # not token-shaped: only its variable's name says it is secret
-    short_key = "sk-x7Kq9"  # a short OpenAI-style key
-    gh_key = "ghp_S3cr3tish"
+    short_key = "sk-proj-x7Kq9Wd2Lm4Np8Rt"  # an OpenAI-style key at the shortest length a real one has
+    gh_key = "ghp_" + "S3cr3t" * 6  # a GitHub token: ghp_ and 36 letters and digits
     grid = make_grid(tmp_path, "sec2", f"""
         - {{name: "v-{short_key}-{env_token}", method: lora_sft}}
     """, extra=f"""
@@ -88,7 +88,7 @@ def test_evaluate_output_stays_inside_results_whatever_the_run_name(tmp_path, mo
     from experiments import evaluate as E
     from experiments import trained
 
-    label = "../../escaped/x·sk-abcd1234·lora_sft"
+    label = "../../escaped/x·sk-abcd1234EFGH5678ijkl·lora_sft"
     monkeypatch.setattr(trained, "load_run", lambda run_id, results, base: trained.Loaded(
         model=None, reference=None, tokenizer=None, label=label, config={"data.max_length": 128}))
     monkeypatch.setattr(E, "measure", lambda *a, **k: ([{"pair": 0, "margin_shift": 0.5}], {"eval/pairs": 1.0}))
@@ -99,7 +99,7 @@ def test_evaluate_output_stays_inside_results_whatever_the_run_name(tmp_path, mo
     assert main(["evaluate", "0" * 32, "--results", str(results)]) == 0
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert len(written) == 2 and all(p.parent == Path("work/results/evaluations") for p in written), written
-    assert not [p for p in written if "sk-abcd1234" in str(p)]
+    assert not [p for p in written if "sk-abcd1234EFGH5678ijkl" in str(p)]
     assert not (tmp_path / "escaped").exists()
     out = tmp_path / "chosen.csv"  # --out is taken exactly as given
     assert main(["evaluate", "0" * 32, "--results", str(results), "--out", str(out)]) == 0

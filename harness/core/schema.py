@@ -91,6 +91,14 @@ class LoraSpec(_Strict):
     """A preset from the scope ladder: qv, qkvo, all-linear, all-linear-last-half; or an explicit list
     of module names (e.g. [q_proj, gate_proj]) that must exist in the model."""
 
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("expected a preset (qv, qkvo, all-linear, all-linear-last-half) or a non-empty list "
+                             "of module names; an empty list adapts nothing")
+        return value
+
 
 class DpoSpec(_Strict):
     """DPO objective (method `dpo_lora`)."""

@@ -27,10 +27,15 @@ T = TypeVar("T")
 # A key is secret when one of its words is one of these ("hub_token" yes, "probe_tokens" no).
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "auth", "credential", "credentials"}
 _URL_PASSWORD = re.compile(r"(//[^/:@\s]+:)[^@/\s]+@")
-# Well-known token shapes: Hugging Face, OpenAI-style, GitHub, AWS access key ids. The `sk-` and `gh?_`
-# prefixes are distinctive enough to match short keys too (a truncated or test key pasted into a name is
-# still a key); `hf_` needs a token's length, because `hf_cache`-like words are ordinary names.
-_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{4,}|gh[pousr]_[A-Za-z0-9]{4,}|AKIA[0-9A-Z]{16})\b")
+# Well-known token shapes, as the issuers make them: Hugging Face (hf_ + 34 letters), OpenAI/Anthropic-style
+# (sk- + 20 to 150 characters of a random alphabet: `sk-proj-…`, `sk-ant-api03-…`, 48 letters and digits), GitHub
+# (ghp_ + 36, github_pat_ + 82), AWS access key ids (AKIA + 16). A prefix alone is not a key: `sk-learn-baseline`
+# and `hf_cache` are ordinary names, so each shape asks for the length real keys have, and sk- also for what a
+# random alphabet shows (a digit, a capital, or 32 characters without a separator), unlike hyphenated words.
+_TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-(?=[A-Za-z0-9_-]*[0-9A-Z]|[A-Za-z0-9_-]*[A-Za-z0-9]{32})[A-Za-z0-9_-]{20,}"
+                           r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{40,}|AKIA[0-9A-Z]{16})\b")
+_TOKEN_KINDS = {"hf_": "a Hugging Face token", "sk-": "an API key", "gh": "a GitHub token", "github_pat_":
+                "a GitHub token", "AKIA": "an AWS access key id"}
 
 
 _SECRET_ENV_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
@@ -54,6 +59,41 @@ def redact(text: str) -> str:
     for value in _env_secrets():
         text = text.replace(value, "***")
     return text
+
+
+def token_shaped(text: str) -> str | None:
+    """What kind of key `text` contains, if it holds a token-shaped string (None if not): a name that would
+    be masked in one place and kept in clear in another (an experiment name, a folder) is refused instead."""
+    found = _TOKEN_SHAPES.search(text)
+    if not found:
+        return None
+    return next(kind for prefix, kind in sorted(_TOKEN_KINDS.items(), key=lambda kv: -len(kv[0]))
+                if found.group().startswith(prefix))
+
+
+def redact_document(text: str, name: str) -> str:
+    """`redact` for a file's text that stays readable as what its name says: YAML and JSON are masked value by
+    value and written again (a bare `***` in YAML is an alias, and the file would no longer parse)."""
+    masked = redact(text)
+    if masked == text or not name.endswith((".yaml", ".yml", ".json")):
+        return masked
+    import yaml
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, dict):
+            return {walk(k): walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    try:
+        if name.endswith(".json"):
+            return json.dumps(walk(json.loads(text)), indent=1, default=str)
+        return yaml.safe_dump(walk(yaml.safe_load(text)), sort_keys=False, allow_unicode=True)
+    except Exception:  # noqa: BLE001 - a file that does not parse as its name says: mask the text as text
+        return masked
 
 
 def _secret_key(key: str) -> bool:
@@ -173,13 +213,13 @@ class MlflowTracker(Tracker):
 
     def log_text(self, text: str, name: str) -> None:
         if self.repo is None:
-            retry(lambda: self.client.log_text(self.run_id, redact(text), name), "log text")
+            retry(lambda: self.client.log_text(self.run_id, redact_document(text, name), name), "log text")
             return
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:  # the repository uploads files: write the text as one
             local = Path(tmp) / Path(name).name
-            local.write_text(redact(text), encoding="utf-8")
+            local.write_text(redact_document(text, name), encoding="utf-8")
             folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
             retry(lambda: self.repo.log_artifact(str(local), folder), "log text")
 

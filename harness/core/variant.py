@@ -32,6 +32,7 @@ class Variant:
     source: str  # where in the grid file it came from, e.g. "variants[1] × axes{dpo.beta=0.5}"
     parent_id: str | None = None
     data_paths: dict[str, str] = field(default_factory=dict)  # data.train / data.eval -> absolute path
+    data_fingerprints: dict[str, str] = field(default_factory=dict)  # the content the id names, per data_paths key
     grid_dir: str = "."  # relative model folders resolve from here
     group_id: str = ""  # the id without the seed: shared by the seed replicates of one variant
     replicate: str = ""  # "2/3": this variant's place among its group's replicates in the grid ("" if alone)
@@ -60,6 +61,7 @@ class Variant:
             "source": self.source,
             "parent_id": self.parent_id,
             "data_paths": self.data_paths,
+            "data_fingerprints": self.data_fingerprints,
             "grid_dir": self.grid_dir,
             "group_id": self.group_id,
             "replicate": self.replicate,
