@@ -18,6 +18,10 @@ workers can share the folder; a worker about to measure an entry holds a lock on
 variants running at once (`--jobs N`) measure a shared reference once: the others wait for it and read it.
 `HARNESS_REFERENCE_CACHE=off` turns the cache (and the reuse of the training pairs' reference log-probs by TRL,
 see `experiments/dpo_lora.py`) off.
+
+The folder is capped: after each store, the least recently used entries (a hit counts as a use) are deleted
+until the folder holds at most `HARNESS_REFERENCE_CACHE_GB` gigabytes (default 5; a Gemma-sized vocabulary makes
+an entry of ~0.5 GB). An entry some worker holds the lock of is never deleted, nor the one just stored.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any
 import torch
 
 ENV_SWITCH = "HARNESS_REFERENCE_CACHE"
+SIZE_ENV = "HARNESS_REFERENCE_CACHE_GB"
+DEFAULT_GB = 5.0
 
 
 def enabled() -> bool:
@@ -146,6 +152,8 @@ class ReferenceCache:
             self.hits[part] = False
             return None
         self.hits[part] = True
+        with contextlib.suppress(OSError):
+            os.utime(meta_path)  # a use: the size cap deletes the least recently used entries first
         return {**meta["values"], **{"tensors": tensors}}
 
     def put(self, part: str, key: str, values: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -163,11 +171,57 @@ class ReferenceCache:
             # the JSON goes last: its presence is what makes the entry visible
             _atomic_write(self.folder / f"{key}.json",
                           json.dumps({"part": part, "values": values, "tensors": bool(tensors)}).encode())
+            prune(self.folder, limit_bytes(), keep=key)
         except OSError as e:
             print(f"reference cache: not stored ({e.strerror or e}); the next variant measures it again",
                   file=sys.stderr)
             for suffix in (".safetensors", ".json"):
                 (self.folder / f"{key}{suffix}").unlink(missing_ok=True)
+
+
+def limit_bytes() -> int:
+    """The cache folder's cap from HARNESS_REFERENCE_CACHE_GB (the default when unset or not a number >= 0)."""
+    try:
+        gb = float(os.environ.get(SIZE_ENV, DEFAULT_GB))
+    except ValueError:
+        gb = DEFAULT_GB
+    return int(gb * 1e9) if gb >= 0 else int(DEFAULT_GB * 1e9)
+
+
+def prune(folder: Path, limit: int, keep: str | None = None) -> list[str]:
+    """Delete whole entries, least recently used first, until the folder's entries take at most `limit`
+    bytes. Skips `keep` and any entry whose lock another worker holds. Returns the deleted keys."""
+    from filelock import FileLock, Timeout
+
+    entries = []
+    for meta in folder.glob("*.json"):
+        key = meta.stem
+        files = [meta, folder / f"{key}.safetensors"]
+        try:
+            size = sum(f.stat().st_size for f in files if f.exists())
+            entries.append((meta.stat().st_mtime, key, size, files))
+        except OSError:  # deleted by another worker meanwhile
+            continue
+    total = sum(size for _, _, size, _ in entries)
+    deleted = []
+    for _, key, size, files in sorted(entries):
+        if total <= limit:
+            break
+        if key == keep:
+            continue
+        lock = FileLock(str(folder / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # being measured or read right now
+        try:
+            for f in files:  # the JSON first: without it the entry is invisible, a torn pair is never read
+                f.unlink(missing_ok=True)
+        finally:
+            lock.release()  # the lock file stays: deleting it would let two workers lock two files of one name
+        total -= size
+        deleted.append(key)
+    return deleted
 
 
 def _version(name: str) -> str:

@@ -194,3 +194,37 @@ def test_a_probe_longer_than_the_models_positions_is_refused_by_the_deep_check(t
     err = refused(capsys, "validate", "--deep", str(grid))
     assert "eval.probe_length: 1000000000 tokens after probe prompts of up to" in err
     assert "max_position_embeddings" in err and "use at most" in err
+
+
+# left from earlier notes: the reference cache has a size cap --------------------------------------
+
+
+def test_the_reference_cache_deletes_least_recently_used_entries_beyond_its_cap(tmp_path, monkeypatch):
+    import os
+
+    import torch
+    from filelock import FileLock
+
+    from experiments import refcache
+
+    model = torch.nn.Linear(2, 2)
+    cache = refcache.ReferenceCache(tmp_path, "recipe:test", model)
+    keys = [cache.key("eval", n) for n in range(4)]
+    for age, key in enumerate(keys):  # each entry ~40 kB of tensors; key 0 the oldest
+        monkeypatch.setenv(refcache.SIZE_ENV, "1")  # 1 GB: nothing pruned while filling
+        cache.put("eval", key, {"n": age}, {"t": torch.zeros(10_000)})
+        os.utime(tmp_path / f"{key}.json", (1_000 + age, 1_000 + age))
+    assert cache.get("eval", keys[0]) is not None  # a hit makes key 0 the most recently used
+    held = FileLock(str(tmp_path / f"{keys[1]}.lock"))
+    held.acquire()  # another worker is reading key 1
+    try:
+        deleted = refcache.prune(tmp_path, limit=125_000, keep=keys[3])  # four of ~40 kB: one must go
+    finally:
+        held.release()
+    assert deleted == [keys[2]]  # the least recently used that is free: 1 is locked, 0 was just used
+    left = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert left == sorted([keys[0], keys[1], keys[3]])
+    assert not (tmp_path / f"{keys[2]}.safetensors").exists()
+    assert refcache.prune(tmp_path, limit=0, keep=keys[3]) == [keys[1], keys[0]]  # oldest first, `keep` kept
+    monkeypatch.setenv(refcache.SIZE_ENV, "not a number")
+    assert refcache.limit_bytes() == int(refcache.DEFAULT_GB * 1e9)
