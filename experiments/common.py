@@ -45,6 +45,7 @@ class RunContext:
     emit: Any = field(default=lambda **event: None)  # progress events to the executor
     cache_dir: Path | None = None  # shared caches (the reference measurement), e.g. results/cache
     train_indices: list[int] = field(default_factory=list)  # file rows of the training rows kept by the audit
+    flipped: list[int] = field(default_factory=list)  # file rows trained with chosen and rejected swapped
 
     @property
     def spec(self):
@@ -68,9 +69,17 @@ def prepare_rows(ctx: RunContext, kind: str) -> list[dict]:
     spec = ctx.spec
     all_rows = variant_rows(ctx, "train")
     ctx.train_indices = D.select_indices(len(all_rows), spec.data.size, spec.data.shuffle_seed)
-    rows = [all_rows[i] for i in ctx.train_indices]
+    rows = selected_train_rows(ctx, all_rows, ctx.train_indices)
     rows = D.preference_rows(rows) if kind == "preference" else D.sft_rows(rows)
     return rows
+
+
+def selected_train_rows(ctx: RunContext, all_rows: list[dict], indices: list[int]) -> list[dict]:
+    """The selected training rows as the variant trains on them: with `data.label_noise`, chosen and rejected
+    swapped on its seeded, nested fraction of them (the evaluation pairs are never touched)."""
+    flipped = D.flipped_indices(indices, ctx.spec.data.label_noise, ctx.spec.data.shuffle_seed)
+    ctx.flipped = sorted(flipped)
+    return D.with_label_noise([all_rows[i] for i in indices], indices, flipped)
 
 
 def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> list[dict]:
@@ -85,6 +94,9 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> li
         raise VariantError(str(e)) from None
     unusable = set(report.pop("unusable_rows"))
     report["file"] = ctx.variant.data_paths["train"]
+    report["label_noise"] = ctx.spec.data.label_noise
+    report["flipped"] = len(ctx.flipped)  # pairs whose chosen and rejected were swapped
+    report["flipped_rows"] = list(ctx.flipped)
     ctx.tracker.log_dict(report, "data_audit.json")
     ctx.tracker.log_metrics({f"data/{k}": v for k, v in report.items() if isinstance(v, int | float)}, step=0)
     if report["usable"] == 0:
@@ -246,8 +258,9 @@ def measurement_setup(ctx: RunContext) -> "E.Setup":
     eval_rows = variant_rows(ctx, "eval")
     all_train = variant_rows(ctx, "train")
     train_idx = D.select_indices(len(all_train), spec.data.size, spec.data.shuffle_seed)
-    train_rows = [D.preference_rows([all_train[i]])[0] | {"category": all_train[i].get("category", "")}
-                  for i in train_idx] if D.data_format(all_train[0]) == "preference" else None
+    as_trained = selected_train_rows(ctx, all_train, train_idx)  # the training pairs as trained (flips included)
+    train_rows = [D.preference_rows([row])[0] | {"category": row.get("category", "")}
+                  for row in as_trained] if D.data_format(all_train[0]) == "preference" else None
     return E.Setup.standard(eval_rows, train_rows=train_rows, train_indices=train_idx,
                             max_length=spec.data.max_length, batch_size=spec.eval.batch_size,
                             probe_length=spec.eval.probe_length, beta=implicit_reward_beta(spec))

@@ -208,6 +208,24 @@ def select(rows: list[dict], size: int | None, shuffle_seed: int) -> list[dict]:
     return [rows[i] for i in select_indices(len(rows), size, shuffle_seed)]
 
 
+def flipped_indices(selected: list[int], noise: float, shuffle_seed: int) -> set[int]:
+    """The file rows among `selected` whose chosen and rejected swap at `noise`: the first round(noise × n) of
+    `selected` in one seeded order of the file's rows, so a higher noise flips a superset (0.1 ⊂ 0.25 ⊂ 0.5)."""
+    if not noise or not selected:
+        return set()
+
+    def rank(row: int) -> str:  # a seeded random key per file row, whatever else is selected
+        return hashlib.sha256(f"label-noise:{shuffle_seed}:{row}".encode()).hexdigest()
+
+    return set(sorted(selected, key=rank)[:round(noise * len(selected))])
+
+
+def with_label_noise(rows: list[dict], indices: list[int], flipped: set[int]) -> list[dict]:
+    """`rows` (the file rows `indices`, in order) with chosen and rejected swapped where the index is flipped."""
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flipped else r
+            for r, i in zip(rows, indices, strict=True)]
+
+
 def builtin_texts() -> list[str]:
     """All text of the built-in set (the tiny test tokenizer is trained on it)."""
     out = []

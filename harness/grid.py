@@ -494,6 +494,10 @@ def _check_data(raw: RawGrid, candidates: list[Candidate], errors: list[str],
             if key == "train" and rows is not None and spec.data.size and spec.data.size > rows:
                 errors.append(f"{raw.file}: {c.source}: data.size: {spec.data.size} rows requested but {p.name} "
                               f"has {rows}")
+            if key == "train" and rows is not None and spec.data.label_noise \
+                    and D.data_format(D.read_rows(p)[0]) != "preference":
+                errors.append(f"{raw.file}: {c.source}: data.label_noise: {spec.data.label_noise} swaps chosen and "
+                              f"rejected, but {p.name} holds no preference pairs (prompt, chosen, rejected)")
         paths_by_candidate[n] = paths
     return paths_by_candidate
 

@@ -48,6 +48,10 @@ class DataSpec(_Strict):
     eval: str = "builtin"
     """The grid's evaluation pairs ("eval_data"): `builtin` (32 held-out pairs) or a preference file path
     like `train`. Margins are measured on every row of it, before and after training."""
+    label_noise: Fraction = 0.0
+    """Preference consistency: swap chosen and rejected on this fraction of the selected *training* pairs
+    (rounded to a whole pair; never the evaluation pairs). Seeded by `shuffle_seed` and nested: the pairs
+    flipped at 0.1 are among those flipped at 0.25. Needs a preference training file."""
 
 
 class TrainSpec(_Strict):
