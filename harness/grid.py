@@ -423,11 +423,21 @@ def check(raw: RawGrid, candidates: list[Candidate], errors: list[str], *,
     return _check_data(raw, candidates, errors, check_data)
 
 
+def _template_file(declared: str | None, grid_dir: Path) -> Path | None:
+    if declared is None or not declared.endswith(".jinja"):
+        return None
+    path = Path(declared).expanduser()
+    return path if path.is_absolute() else grid_dir / path
+
+
 def _check_variant(spec: VariantSpec, grid_dir: Path) -> list[str]:
     out = []
     problem = check_model_name(spec.base_model, grid_dir)
     if problem:
         out.append(f"base_model: {problem}")
+    template = _template_file(spec.chat_template, grid_dir)
+    if template is not None and not template.is_file():
+        out.append(f"chat_template: {spec.chat_template!r}: no such template file ({template})")
     method = spec.method_record
     if method.uses_lora and isinstance(spec.lora.targets, str) and spec.lora.targets not in LORA_PRESETS:
         out.append(f"lora.targets: unknown preset {spec.lora.targets!r}{_suggest(spec.lora.targets, list(LORA_PRESETS))}"
@@ -514,6 +524,9 @@ def identify(raw: RawGrid, candidates: list[Candidate], data_paths: dict[int, di
         ident = relevant_config(candidates[n].spec)
         paths = data_paths[n]
         ident["data"] = {**ident["data"], "train": fingerprints[paths["train"]], "eval": fingerprints[paths["eval"]]}
+        template = _template_file(candidates[n].spec.chat_template, raw.dir)
+        if template is not None:  # a template file is named by its content, like the data
+            ident["chat_template"] = D.fingerprint(template)
         ident["from"] = parent_id
         return ident
 

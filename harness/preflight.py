@@ -67,13 +67,21 @@ def check_variants(path, variants: list[Variant], device: str | None) -> list[st
                 M.select_layers(spec.partial_ft.layers, M.num_layers(model))
             except M.ModelError as e:
                 errors.append(f"{where}: partial_ft.layers: {e}")
+        if tok is not None and spec.chat_template is not None:
+            try:
+                template = M.chat_template_text(spec.chat_template, model.config.model_type, tok, grid_dir)
+            except M.ModelError as e:
+                errors.append(f"{where}: chat_template: {e}")
+            else:
+                tok = _with_template(tok, template)
         for key in ("train", "eval"):
             rows = D.read_rows(Path(v.data_paths[key]))
             first = rows[0]
             conversational = isinstance(first.get("prompt", first.get("messages")), list)
             if conversational and not getattr(tok, "chat_template", None):
                 errors.append(f"{where}: data.{key}: {v.data_paths[key]} is conversational but {name}'s tokenizer "
-                              f"has no chat template; use a chat model or plain-string data")
+                              f"has no chat template; declare how the model sees a conversation (chat_template: "
+                              f"family, chatml, plain or a .jinja file), or use plain-string data")
         if tok is not None:
             errors.extend(f"{where}: {e}" for e in _usable_under_max_length(v, tok, audits))
             problem = _probe_fits(spec.eval.probe_length, model, tok, name)
@@ -129,3 +137,12 @@ def _probe_fits(length: int, model, tok, name: str) -> str | None:
         return None
     return (f"{length} tokens after probe prompts of up to {longest} tokens exceed {name}'s {positions} positions "
             f"(max_position_embeddings); use at most {max(positions - longest, 1)}")
+
+
+def _with_template(tok, template: str):
+    """A copy of a (shared, cached) tokenizer with this variant's declared chat template."""
+    import copy
+
+    tok = copy.copy(tok)
+    tok.chat_template = template
+    return tok

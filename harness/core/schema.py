@@ -31,6 +31,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
+ADDED_FIELDS = (("data", "label_noise"),)  # (section, field) left out of the id at their default
+CHAT_FORMATS = ("family", "chatml", "plain")  # named `chat_template:` values (else a .jinja file)
+
+
 class DataSpec(_Strict):
     """What a variant trains and evaluates on."""
 
@@ -144,7 +148,14 @@ class VariantSpec(_Strict):
     """Training method, a name from the method registry (`harness.core.methods`): sft (full), lora_sft,
     partial_ft, dpo_lora (DPO through a LoRA adapter)."""
     base_model: str = "smollm2-135m-instruct"
-    """smollm2-135m-instruct, tiny-random-llama, a local HF model folder, or a hub id (needs network)."""
+    """smollm2-135m-instruct, gemma-3-270m (a raw pretrained base; the `[gemma]` extra), tiny-random-llama, a
+    local HF model folder, a .gguf file (de-quantised once into the cache), or a hub id (needs network)."""
+    chat_template: str | None = None
+    """How conversations are shown to the model, declared, never guessed. None: the tokenizer's own template
+    (conversational data on a model without one is refused). `family`: the model family's documented turn
+    format (Gemma: <start_of_turn>user … <end_of_turn>), where the tokenizer has its special tokens;
+    `chatml`; `plain` ("User: …" / "Assistant: …" lines); or a path to a Jinja template file (.jinja), its
+    content part of the id. Replaces the tokenizer's own template when given."""
     seed: Seed = 0
     """Training seed (initialisation of adapters, data order), 0 to 2**32 - 1."""
     from_: str | None = Field(default=None, alias="from")
@@ -158,6 +169,13 @@ class VariantSpec(_Strict):
     dpo: DpoSpec = DpoSpec()
     partial_ft: PartialSpec = PartialSpec()
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None and value not in CHAT_FORMATS and not value.endswith(".jinja"):
+            raise ValueError(f"expected one of {', '.join(CHAT_FORMATS)} or a path to a .jinja template file")
+        return value
 
     @field_validator("method")
     @classmethod
@@ -183,8 +201,14 @@ def relevant_config(spec: VariantSpec) -> dict:
         "from": spec.from_,
         "save_weights": spec.save_weights,
     }
+    if spec.chat_template is not None:  # only when declared: the ids of every earlier variant stay as they were
+        out["chat_template"] = spec.chat_template
     for section in spec.method_record.sections:
         out[section] = getattr(spec, section).model_dump()
+    # fields added after runs were recorded count only when set, so every earlier variant keeps its id
+    for section, key in ADDED_FIELDS:
+        if section in out and out[section][key] == getattr(type(getattr(spec, section))(), key):
+            del out[section][key]
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.core import methods
-from harness.core.schema import VariantSpec, flatten, relevant_config
+from harness.core.schema import ADDED_FIELDS, VariantSpec, flatten, relevant_config
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +44,9 @@ class Variant:
     def config(self) -> dict:
         """The fields that define the run (what the id hashes), plus the label."""
         out = relevant_config(self.spec)
+        for section, key in ADDED_FIELDS:  # logged even at their default, so a sweep's 0 reads as 0
+            if section in out:
+                out[section][key] = getattr(getattr(self.spec, section), key)
         out["name"] = self.spec.name
         return out
 
