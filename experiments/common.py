@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from transformers import TrainerCallback, TrainingArguments
 from experiments import data as D
 from experiments import evaluate as E
 from experiments import faults
+from experiments import memory
 from experiments import models as M
 from experiments import refcache
 from experiments.device import VariantError  # methods raise common.VariantError
@@ -46,6 +48,8 @@ class RunContext:
     cache_dir: Path | None = None  # shared caches (the reference measurement), e.g. results/cache
     train_indices: list[int] = field(default_factory=list)  # file rows of the training rows kept by the audit
     flipped: list[int] = field(default_factory=list)  # file rows trained with chosen and rejected swapped
+    memory: Any = None  # experiments.memory.Estimate of this variant, made when its model loads
+    longest: int | None = None  # tokens of the longest selected training pair (the audit's), for that estimate
 
     @property
     def spec(self):
@@ -94,6 +98,7 @@ def audit_and_log(ctx: RunContext, rows: list[dict], tokenizer, kind: str) -> li
         raise VariantError(str(e)) from None
     unusable = set(report.pop("unusable_rows"))
     report["file"] = ctx.variant.data_paths["train"]
+    ctx.longest = report["tokens_max"] or None
     report["label_noise"] = ctx.spec.data.label_noise
     report["flipped"] = len(ctx.flipped)  # pairs whose chosen and rejected were swapped
     report["flipped_rows"] = list(ctx.flipped)
@@ -140,6 +145,11 @@ def load_model(ctx: RunContext, tokenizer):
                              vocab_size=len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    try:  # what the memory model says this variant needs, logged beside what it took (`fit`)
+        ctx.memory = memory.estimate(ctx.spec, model, device=ctx.device, precision=ctx.precision,
+                                     longest=ctx.longest)
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
+        print(f"memory estimate unavailable: {type(e).__name__}: {e}", file=sys.stderr)
     return model
 
 
@@ -317,10 +327,20 @@ def fit(trainer, ctx: RunContext, *, before_train=None) -> dict:
     rows, metrics = E.after(model, tokenizer, baseline)
     ctx.tracker.log_artifact(E.write_table(rows, ctx.out_dir / "pairs.csv"), "eval")
     ctx.tracker.log_metrics(metrics, step=out.global_step)
+    log_memory(ctx, out.global_step)
     return {"global_step": out.global_step, "train_loss": out.training_loss, "seconds": seconds,
             "trainable_numel": n_trainable, "total_numel": n_total, **moved["summary"],
             "eval_margin_shift_mean": metrics.get("eval/margin_shift_mean"),
             "drift_kl_mean": metrics.get("drift/kl_mean"), "measure_seconds": metrics["eval/seconds"]}
+
+
+def log_memory(ctx: RunContext, step: int) -> None:
+    """The memory model's estimate (by part) and the measured peak, so every run checks the model."""
+    values = {"memory/peak_gb": memory.measured_peak(ctx.device) / memory.GB}
+    if ctx.memory is not None:
+        values["memory/estimate_gb"] = ctx.memory.gb()
+        values.update({f"memory/estimate_{part}_gb": ctx.memory.gb(part) for part in ctx.memory.parts})
+    ctx.tracker.log_metrics(values, step=step)
 
 
 def save_adapter(model, tokenizer, ctx: RunContext) -> None:

@@ -49,8 +49,11 @@ def _dtype_bytes(name: str) -> int:
     return {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}[name]
 
 
-def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_dtype: str = "fp32") -> Estimate:
-    """The memory a variant needs at its peak. `model`: the skeleton (meta device) of its base model."""
+def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_dtype: str = "fp32",
+             longest: int | None = None) -> Estimate:
+    """The memory a variant needs at its peak. `model`: the skeleton (meta device) of its base model.
+    `longest`: the longest tokenised pair of its data, when known (batches are padded to their longest
+    sequence); else `data.max_length`, which makes the estimate an upper bound."""
     from experiments import models as M
 
     config = model.config
@@ -72,8 +75,9 @@ def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_
         trained_base = n_params
     base_bytes = _dtype_bytes(base_dtype) if method.uses_lora else 4  # a trained base stays fp32
 
+    length = min(spec.data.max_length, longest) if longest else spec.data.max_length
     seqs = spec.train.batch_size * (2 if method.data_kind == "preference" else 1)
-    tokens = seqs * spec.data.max_length
+    tokens = seqs * length
     per_layer = tokens * (8 * hidden + 4 * inter) * act_bytes
     if spec.train.gradient_checkpointing:
         activations = layers * tokens * hidden * act_bytes + per_layer
@@ -85,7 +89,7 @@ def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_
         "activations": activations,
         "logits": 3 * tokens * vocab * 4,
         "reference": 2 * tokens * vocab * 4 if method.uses("dpo") else 0,
-        "measurement": 2 * spec.eval.batch_size * spec.data.max_length * vocab * 4
+        "measurement": 2 * spec.eval.batch_size * length * vocab * 4
                        + (n_params * 4 if base_bytes < 4 else 0),  # scoring upcasts a bf16 base to fp32
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
     }
