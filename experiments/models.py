@@ -48,6 +48,49 @@ class ModelError(ValueError):
     pass
 
 
+# `base_model: random:<shape>`: public architectures' shapes, written here as config fields and initialised
+# in-process from a seed (no download), for memory and throughput work: their margins and drift mean nothing.
+# The tokenizer is the tiny test one, whose ids all fall inside every shape's vocabulary.
+RANDOM = "random:"
+SHAPES = {
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   tie_word_embeddings=True, rope_theta=500000.0, head_dim=64)),
+    "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   tie_word_embeddings=False, rope_theta=500000.0, head_dim=128)),
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                                   tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                                 tie_word_embeddings=False, rope_theta=1000000.0)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                   tie_word_embeddings=True, rope_theta=100000.0)),
+    "llama-mini": ("llama", dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=True)),  # a test's shape: a real vocabulary, small layers
+}
+
+
+def shape_config(name: str):
+    """The config of `random:<shape>`; ModelError lists the shapes."""
+    from transformers import AutoConfig
+
+    shape = name.removeprefix(RANDOM)
+    if shape not in SHAPES:
+        raise ModelError(_unknown_shape(shape))
+    model_type, fields = SHAPES[shape]
+    return AutoConfig.for_model(model_type, **fields, pad_token_id=None)
+
+
+def _unknown_shape(shape: str) -> str:
+    close = difflib.get_close_matches(shape, list(SHAPES), n=1)
+    hint = f" Did you mean {RANDOM}{close[0]}?" if close else ""
+    return f"unknown shape {shape!r}.{hint} Shapes: {', '.join(RANDOM + s for s in SHAPES)}"
+
+
 def chat_template_text(declared: str, model_type: str, tokenizer, base_dir: Path | None = None) -> str:
     """The Jinja template a `chat_template:` declaration stands for; ModelError says why it cannot be used."""
     if declared == "chatml":
@@ -84,6 +127,9 @@ def check_model_name(name: str, base_dir: Path) -> str | None:
         return gguf.missing_package(name)
     if name in BUILTIN_MODELS:
         return None
+    if name.startswith(RANDOM):
+        shape = name.removeprefix(RANDOM)
+        return None if shape in SHAPES else _unknown_shape(shape)
     if gguf.is_gguf(name):
         return gguf.check_file(name, base_dir)
     path = local_path(name, base_dir)
@@ -163,7 +209,7 @@ def tiny_config(vocab_size: int):
 def load_tokenizer(name: str, base_dir: Path | None = None):
     from transformers import AutoTokenizer
 
-    if name == TINY:
+    if name == TINY or name.startswith(RANDOM):
         return tiny_tokenizer()
     return AutoTokenizer.from_pretrained(model_source(name, base_dir), trust_remote_code=False)
 
@@ -183,7 +229,7 @@ def load_padded_tokenizer(name: str, base_dir: Path | None = None, chat_template
 
 def weights_folder(name: str, base_dir: Path | None = None) -> Path | None:
     """The folder holding a model's safetensors weights; None for the in-process test model or a hub id."""
-    if name == TINY:
+    if name == TINY or name.startswith(RANDOM):
         return None
     source = model_source(name, base_dir)
     return source if isinstance(source, Path) else None
@@ -191,6 +237,8 @@ def weights_folder(name: str, base_dir: Path | None = None) -> Path | None:
 
 def recipe(name: str) -> str:
     """How an in-process model is built (its content identity), or "" for a model with weight files."""
+    if name.startswith(RANDOM):
+        return f"{name}:seed1234:{shape_config(name).to_json_string(use_diff=False)}"
     if name != TINY:
         return ""
     return f"{TINY}:seed1234:{tiny_config(len(tiny_tokenizer())).to_json_string(use_diff=False)}"
@@ -209,6 +257,11 @@ def load_model(name: str, dtype=None, base_dir: Path | None = None, vocab_size: 
             torch.manual_seed(1234)
             model = AutoModelForCausalLM.from_config(tiny_config(vocab_size), dtype=torch.float32)
         return model.to(dtype) if dtype is not None else model
+    if name.startswith(RANDOM):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(1234)
+            return AutoModelForCausalLM.from_config(shape_config(name), dtype=dtype or torch.float32)
     return AutoModelForCausalLM.from_pretrained(model_source(name, base_dir), dtype=dtype or torch.float32,
                                                 use_safetensors=True, trust_remote_code=False)
 
@@ -219,6 +272,8 @@ def load_config(name: str, base_dir: Path | None = None):
 
     if name == TINY:
         return tiny_config(len(tiny_tokenizer()))
+    if name.startswith(RANDOM):
+        return shape_config(name)
     return AutoConfig.from_pretrained(model_source(name, base_dir), trust_remote_code=False)
 
 

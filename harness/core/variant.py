@@ -89,7 +89,7 @@ def group_id(identity: dict) -> str:
 
 # ---------------------------------------------------------------- run names
 
-_SHORT_MODEL = {"smollm2-135m-instruct": "smollm2", "tiny-random-llama": "tiny"}
+_SHORT_MODEL = {"smollm2-135m-instruct": "smollm2", "tiny-random-llama": "tiny", "gemma-3-270m": "gemma3"}
 # Fields whose value is part of every run name, and short prefixes for others when they vary.
 _ALWAYS_SHOWN = {"method", "base_model", "data.size", "train.epochs", "name"}
 _SHORT_KEYS = {"train.learning_rate": "lr", "seed": "s", "lora.alpha": "a", "data.shuffle_seed": "ds"}
