@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from experiments import data as D
+from experiments import device as dev
 from experiments import evaluate as E
 from experiments import faults
 from experiments import memory
@@ -50,6 +51,7 @@ class RunContext:
     flipped: list[int] = field(default_factory=list)  # file rows trained with chosen and rejected swapped
     memory: Any = None  # experiments.memory.Estimate of this variant, made when its model loads
     longest: int | None = None  # tokens of the longest selected training pair (the audit's), for that estimate
+    base_dtype: str = "fp32"  # how the base is stored (train.base_dtype resolved)
 
     @property
     def spec(self):
@@ -123,13 +125,15 @@ def load_tokenizer(ctx: RunContext):
 
 
 def load_model(ctx: RunContext, tokenizer):
-    """The starting model: the base, or the `from:` stage's trained model, in fp32 for every method.
+    """The starting model: the base, or the `from:` stage's trained model, in fp32, or in bf16 for the frozen
+    base of a LoRA method where `train.base_dtype` resolves so (2 bytes a parameter instead of 4: 16 GB for an
+    8B model instead of 32).
 
-    bf16/fp16 training computes through autocast on those fp32 weights. The frozen base of a LoRA method is not
-    kept in the compute dtype: the measurement (margins, probes, perplexity) then runs in fp32 on exactly the
-    weights the file holds, as on a CPU. With a bf16 base it ran in bf16, and its rounding noise (+-0.2 nats on
-    SmolLM2's ~80-token summed log-probs on an H100, a KL of 1.6e-3 against 6e-7) was larger than the shifts it
-    measures. The cost is memory: 4 bytes per base parameter instead of 2 (32 GB for an 8B model)."""
+    bf16/fp16 training computes through autocast. The measurement (margins, probes, perplexity) always runs in
+    fp32: a bf16 base is upcast while measuring (`device.fp32_weights`, exact both ways), so it scores exactly
+    the bf16-rounded weights that were trained. Scoring in bf16 itself was tried and refused: its rounding noise
+    (+-0.2 nats on SmolLM2's ~80-token summed log-probs on an H100, a KL of 1.6e-3 against 6e-7) was larger than
+    the shifts it measures."""
     if ctx.stage_dir is not None:
         stage_model = ctx.stage_dir / "model"
         if not (stage_model / "config.json").is_file():
@@ -139,18 +143,27 @@ def load_model(ctx: RunContext, tokenizer):
         if got != ctx.variant.parent_id:
             raise VariantError(f"stage output {stage_model} was written by variant {got}, not by this variant's "
                                f"stage {ctx.variant.parent_id}; refusing to start from it (rerun with --force)")
-        model = M.load_model(str(stage_model))
+        model = M.load_model(str(stage_model), dtype=_base_dtype(ctx))
     else:
-        model = M.load_model(ctx.spec.base_model, base_dir=_grid_dir(ctx),
+        model = M.load_model(ctx.spec.base_model, dtype=_base_dtype(ctx), base_dir=_grid_dir(ctx),
                              vocab_size=len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     try:  # what the memory model says this variant needs, logged beside what it took (`fit`)
         ctx.memory = memory.estimate(ctx.spec, model, device=ctx.device, precision=ctx.precision,
-                                     longest=ctx.longest)
+                                     base_dtype=ctx.base_dtype, longest=ctx.longest)
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run
         print(f"memory estimate unavailable: {type(e).__name__}: {e}", file=sys.stderr)
     return model
+
+
+def _base_dtype(ctx: RunContext):
+    """torch dtype the base is stored in (train.base_dtype, resolved for this device and precision), logged."""
+    chosen = dev.resolve_base_dtype(ctx.spec.train.base_dtype, ctx.device, ctx.precision,
+                                    ctx.spec.method_record.uses_lora)
+    ctx.base_dtype = chosen
+    ctx.tracker.set_tags({"harness.base_dtype": chosen})
+    return torch.bfloat16 if chosen == "bf16" else torch.float32
 
 
 def _grid_dir(ctx: RunContext) -> Path:
@@ -305,15 +318,16 @@ def fit(trainer, ctx: RunContext, *, before_train=None) -> dict:
     ctx.tracker.log_metrics({"params/trainable_numel": n_trainable, "params/total_numel": n_total}, step=0)
     ctx.emit(event="measure", when="before")
     cache = reference_cache(ctx, model)
-    baseline = E.before(model, tokenizer, measurement_setup(ctx), cache=cache)
+    with dev.fp32_weights(model):  # a bf16-stored base is measured in fp32, as the model it is
+        baseline = E.before(model, tokenizer, measurement_setup(ctx), cache=cache)
     if cache.hits:  # which parts of the reference measurement were reused (1) or computed and stored (0)
         ctx.tracker.log_metrics({f"cache/reference_{part}_hit": float(hit) for part, hit in cache.hits.items()},
                                 step=0)
     if before_train is not None:
         before_train(trainer, baseline)
     if ctx.spec.eval.every:
-        trainer.add_callback(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every, ctx.tracker,
-                                             emit=ctx.emit))
+        trainer.add_callback(_InFp32(E.IntermediateEval(model, tokenizer, baseline, ctx.spec.eval.every,
+                                                        ctx.tracker, emit=ctx.emit), model))
     before = param_fingerprint(model)
     t0 = time.monotonic()
     out = trainer.train()
@@ -324,7 +338,8 @@ def fit(trainer, ctx: RunContext, *, before_train=None) -> dict:
     ctx.tracker.log_metrics({f"params/{k}": v for k, v in moved["summary"].items()}, step=out.global_step)
     ctx.tracker.log_metrics({"train/seconds": seconds, "train/global_step": out.global_step}, step=out.global_step)
     ctx.emit(event="measure", when="after")
-    rows, metrics = E.after(model, tokenizer, baseline)
+    with dev.fp32_weights(model):
+        rows, metrics = E.after(model, tokenizer, baseline)
     ctx.tracker.log_artifact(E.write_table(rows, ctx.out_dir / "pairs.csv"), "eval")
     ctx.tracker.log_metrics(metrics, step=out.global_step)
     log_memory(ctx, out.global_step)
@@ -332,6 +347,17 @@ def fit(trainer, ctx: RunContext, *, before_train=None) -> dict:
             "trainable_numel": n_trainable, "total_numel": n_total, **moved["summary"],
             "eval_margin_shift_mean": metrics.get("eval/margin_shift_mean"),
             "drift_kl_mean": metrics.get("drift/kl_mean"), "measure_seconds": metrics["eval/seconds"]}
+
+
+class _InFp32(TrainerCallback):
+    """A measuring callback run with the model's weights upcast to fp32 (see `device.fp32_weights`)."""
+
+    def __init__(self, inner, model):
+        self.inner, self.model = inner, model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with dev.fp32_weights(self.model):
+            return self.inner.on_step_end(args, state, control, **kwargs)
 
 
 def log_memory(ctx: RunContext, step: int) -> None:

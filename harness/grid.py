@@ -435,6 +435,13 @@ def _check_variant(spec: VariantSpec, grid_dir: Path) -> list[str]:
     problem = check_model_name(spec.base_model, grid_dir)
     if problem:
         out.append(f"base_model: {problem}")
+    method = spec.method_record
+    if spec.train.base_dtype == "bf16" and not method.uses_lora:
+        out.append(f"train.base_dtype: bf16 stores a frozen base, and {spec.method} trains the base itself (which "
+                   f"stays fp32); use base_dtype: auto or fp32, or a LoRA method")
+    if spec.train.base_dtype == "bf16" and spec.train.precision == "fp32":
+        out.append("train.base_dtype: a bf16 base needs bf16 compute, and train.precision is fp32; set "
+                   "train.precision: bf16 (a CPU has it too) or base_dtype: fp32")
     template = _template_file(spec.chat_template, grid_dir)
     if template is not None and not template.is_file():
         out.append(f"chat_template: {spec.chat_template!r}: no such template file ({template})")

@@ -62,3 +62,51 @@ def test_a_small_shape_with_a_real_vocabulary_trains_and_logs_its_estimate_besid
     assert run.info.status == "FINISHED" and metrics["params/total_numel"] > 32000 * 256
     assert metrics["memory/estimate_gb"] > 0 and metrics["memory/peak_gb"] > 0
     assert metrics["memory/estimate_logits_gb"] > metrics["memory/estimate_weights_gb"]  # the vocabulary dominates
+
+
+def test_a_bf16_stored_base_is_measured_in_fp32_as_the_bf16_rounded_model(tmp_path):
+    """The model measured is the model trained: bf16-stored weights, upcast for scoring, give the margins of an
+    fp32 model loaded from the same bf16-rounded weights, to the last bit; and the weights are bf16 again after."""
+    import torch
+
+    from experiments import data as D
+    from experiments import device as dev
+    from experiments import evaluate as E
+
+    tok = M.load_padded_tokenizer(M.TINY)
+    stored = M.load_model(M.TINY, vocab_size=len(tok)).to(torch.bfloat16)
+    rounded = M.load_model(M.TINY, vocab_size=len(tok)).to(torch.bfloat16).to(torch.float32)
+    rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:4]
+    setup = E.Setup.standard(rows, max_length=128, probe_length=4)
+    setup.probe_prompts, setup.neutral_text = setup.probe_prompts[:2], setup.neutral_text[:1]
+    with dev.fp32_weights(stored):
+        assert all(p.dtype == torch.float32 for p in stored.parameters())
+        a = E.before(stored, tok, setup)
+    b = E.before(rounded, tok, setup)
+    assert a.logps == b.logps and a.ppl == b.ppl
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
+    assert all(torch.equal(p.float(), q) for p, q in zip(stored.parameters(), rounded.parameters(), strict=True))
+
+
+def test_a_lora_variant_trains_on_a_bf16_base_on_cpu_and_says_so(tmp_path, capsys):
+    grid = tmp_path / "bf16.yaml"
+    grid.write_text("name: bf16\ndefaults:\n  base_model: tiny-random-llama\n  method: dpo_lora\n"
+                    "  data: {size: 4, max_length: 128}\n  train: {max_steps: 1, batch_size: 2, precision: bf16,"
+                    " base_dtype: bf16}\n  eval: {probe_length: 4}\n")
+    results = tmp_path / "results"
+    assert main(["run", str(grid), "--results", str(results)]) == 0
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("bf16").experiment_id],
+                               "tags.`harness.kind` = 'variant'")
+    assert run.info.status == "FINISHED" and run.data.tags["harness.base_dtype"] == "bf16"
+    assert run.data.params["train.base_dtype"] == "bf16"
+    assert run.data.metrics["memory/estimate_weights_gb"] * 1e9 == pytest.approx(
+        2 * run.data.metrics["params/total_numel"], rel=0.05)  # 2 bytes a base parameter (+ the adapter)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(grid.read_text().replace("name: bf16", "name: bad").replace("precision: bf16", "precision: fp32"))
+    assert main(["validate", str(bad)]) == 2
+    assert "train.base_dtype: a bf16 base needs bf16 compute" in capsys.readouterr().err
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(grid.read_text().replace("name: bf16", "name: sft").replace("method: dpo_lora", "method: sft"))
+    assert main(["validate", str(sft)]) == 2
+    assert "train.base_dtype: bf16 stores a frozen base, and sft trains the base itself" in capsys.readouterr().err

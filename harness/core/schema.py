@@ -31,7 +31,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
-ADDED_FIELDS = (("data", "label_noise"),)  # (section, field) left out of the id at their default
+ADDED_FIELDS = (("data", "label_noise"), ("train", "base_dtype"))  # (section, field) left out of the id at their default
 CHAT_FORMATS = ("family", "chatml", "plain")  # named `chat_template:` values (else a .jinja file)
 
 
@@ -81,6 +81,10 @@ class TrainSpec(_Strict):
     """auto = bf16 where the device supports it, else fp32. bf16/fp16 are refused where unsupported."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on large models."""
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """How a LoRA method stores its frozen base: bf16 halves its memory (2 bytes a parameter). auto = bf16 where
+    the variant computes in bf16 on a GPU, else fp32. Margins and drift are still computed in fp32, on the
+    bf16-rounded weights that were trained (upcast while measuring). bf16 needs `precision: bf16`."""
     logging_steps: PositiveInt = 1
     """Log trainer metrics every this many steps."""
 
