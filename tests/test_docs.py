@@ -112,3 +112,12 @@ def test_the_readme_keeps_the_test_command_ci_runs():
     section = readme.split("## Run the tests\n", 1)[1]
     command = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_readmes_grid_example_is_the_shipped_config():
+    """The front page's one example is configs/two_round.yaml without its comments: the same YAML, value for value."""
+    import yaml
+
+    readme = README.read_text().split("## A grid file\n", 1)[1]
+    example = readme.split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert yaml.safe_load(example) == yaml.safe_load((ROOT / "configs" / "two_round.yaml").read_text())
