@@ -121,3 +121,19 @@ def test_the_readmes_grid_example_is_the_shipped_config():
     readme = README.read_text().split("## A grid file\n", 1)[1]
     example = readme.split("```yaml\n", 1)[1].split("\n```", 1)[0]
     assert yaml.safe_load(example) == yaml.safe_load((ROOT / "configs" / "two_round.yaml").read_text())
+
+
+def test_every_test_the_docs_name_exists():
+    """The guarantees table (docs/reliability.md) and the other pages name the tests that hold each promise."""
+    defined = {m.group(1) for path in (ROOT / "tests").glob("test_*.py")
+               for m in re.finditer(r"^\s*(?:async\s+)?def (test_\w+)", path.read_text(), re.M)}
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        for name in set(re.findall(r"`(?:tests/test_\w+\.py::)?(test_\w+)`", text)):
+            if name not in defined:
+                missing.append(f"{page.relative_to(ROOT)}: {name}")
+        for path in set(re.findall(r"`(tests/test_\w+\.py)", text)):
+            if not (ROOT / path).exists():
+                missing.append(f"{page.relative_to(ROOT)}: {path}")
+    assert not missing, "tests named in the docs but not found:\n" + "\n".join(sorted(missing))
