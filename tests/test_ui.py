@@ -9,7 +9,7 @@ the variants with their shift and CI columns, the compare page's differing param
 an image rendered, and the whole server tree gone after SIGTERM.
 
     python -m pytest tests/test_ui.py                                   # ~3 min on the 2-core dev machine
-    HARNESS_UI_SCREENSHOTS=docs/ui python -m pytest tests/test_ui.py -m browser   # regenerate the README's
+    HARNESS_UI_SCREENSHOTS=docs/ui python -m pytest tests/test_ui.py -m browser   # regenerate docs/ui.md's
 
 Screenshots go to `$HARNESS_TEST_ARTIFACTS/ui` (else pytest's tmp folder) and, when HARNESS_UI_SCREENSHOTS
 is set, to that folder too. Without playwright or chromium the browser test is skipped, except where

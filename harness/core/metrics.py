@@ -1,7 +1,7 @@
 """The metric catalogue: every metric the measurement logs, what it means and which way is better.
 
-One source for these facts: the report reads meanings and directions from here, and the README's results
-schema is generated from here (`python -m harness metrics` prints it; a test checks the README matches).
+One source for these facts: the report reads meanings and directions from here, and the metric table of
+docs/measurement.md is generated from here (`python -m harness metrics` prints it; a test checks the page matches).
 `<s>` stands for a split prefix: `eval` (the held-out pairs of data.eval) or `train_pairs` (the variant's
 own training pairs). `summary/` repeats a finished variant's headline numbers, rounded, for the MLflow UI.
 
@@ -120,7 +120,7 @@ def describe(key: str) -> str:
 
 
 def markdown_table() -> str:
-    """The README's metric table."""
+    """The metric table of docs/measurement.md (paste it between the page's markers)."""
     lines = ["| metric | meaning | better | unit |", "|---|---|---|---|"]
     for m in CATALOGUE:
         lines.append(f"| `{m.key}` | {m.meaning} | {m.direction} | {m.unit} |")
