@@ -15,10 +15,13 @@ check (bytes):
                  log-softmax, its gradient): the part that dominates a 262k-token vocabulary
     reference    a DPO reference forward without gradients (logits twice), when TRL computes it per step
     measurement  the before/after scoring: `eval.batch_size` sequences' logits twice, in fp32
+    probes       the drift probes' next-token distributions (probe prompts × `eval.probe_length` × vocabulary,
+                 fp32): the reference's are held from before training to after it, the trained model's join
+                 them while measuring
     runtime      the interpreter, torch, transformers and TRL themselves on a CPU (measured: ~0.9 GB)
 
-Peak = weights + trainable + runtime + the largest of (activations + logits, reference, measurement): the
-three happen one after another, never at once.
+Peak = weights + trainable + runtime + probes/2 + the largest of (activations + logits, reference,
+measurement + probes/2): the three happen one after another, never at once.
 
     python -m harness plan grid.yaml --memory     # the estimate per variant
 """
@@ -50,10 +53,11 @@ def _dtype_bytes(name: str) -> int:
 
 
 def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_dtype: str = "fp32",
-             longest: int | None = None) -> Estimate:
+             longest: int | None = None, probe_prompts: int = 16) -> Estimate:
     """The memory a variant needs at its peak. `model`: the skeleton (meta device) of its base model.
     `longest`: the longest tokenised pair of its data, when known (batches are padded to their longest
-    sequence); else `data.max_length`, which makes the estimate an upper bound."""
+    sequence); else `data.max_length`, which makes the estimate an upper bound. `probe_prompts`: how many
+    drift probes the measurement generates from (the built-in set has 16)."""
     from experiments import models as M
 
     config = model.config
@@ -91,10 +95,12 @@ def estimate(spec, model, *, device: str = "cpu", precision: str = "fp32", base_
         "reference": 2 * tokens * vocab * 4 if method.uses("dpo") else 0,
         "measurement": 2 * spec.eval.batch_size * length * vocab * 4
                        + (n_params * 4 if base_bytes < 4 else 0),  # scoring upcasts a bf16 base to fp32
+        "probes": 2 * probe_prompts * spec.eval.probe_length * vocab * 4,
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
     }
-    peak = parts["weights"] + parts["trainable"] + parts["runtime"] + max(
-        parts["activations"] + parts["logits"], parts["reference"], parts["measurement"])
+    held = parts["probes"] / 2  # the reference's distributions, from before training until after it
+    peak = parts["weights"] + parts["trainable"] + parts["runtime"] + held + max(
+        parts["activations"] + parts["logits"], parts["reference"], parts["measurement"] + held)
     return Estimate(parts=parts, peak=peak)
 
 
