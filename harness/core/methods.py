@@ -58,6 +58,18 @@ class Method:
     """This method may start from a stage's model (`from:`), which is then also its reference."""
     name_parts: tuple[tuple[str, str], ...] = ()
     """(field, prefix) pairs its run names show after method, model, size and epochs: ("dpo.beta", "b")."""
+    optimises: str = ""
+    """One sentence, for the report's row explanations: what its training objective pushes the model towards."""
+    reference_free: bool = False
+    """Its objective never sees a reference model (SimPO, ORPO, SFT). The measurement still compares the trained
+    model with the starting model (LoRA: the adapter disabled), so for it "relative to the reference" means
+    relative to where training started, not to an anchor the objective kept it near."""
+    unit: Literal["pair", "example"] = "example"
+    """What one training row is: a preference pair, or one completion with its own target or label (SFT: prompt ->
+    chosen; KTO: each pair split into a desirable and an undesirable example). Counts in the report use it."""
+    trainer_margin: str | None = None
+    """What TRL's logged `rewards/margins` measures for this method, in words (scales differ between methods: never
+    compare them across methods); None where its trainer logs none."""
     describe: Callable[[Mapping[str, Any]], str] | None = field(default=None, compare=False)
     """Flat config ({"lora.rank": 4, ...}) -> what was trained, in words, for the report."""
 
@@ -80,7 +92,8 @@ class Method:
         return {"name": self.name, "entry": self.entry, "summary": self.summary, "sections": list(self.sections),
                 "data_kind": self.data_kind, "can_be_stage": self.can_be_stage,
                 "can_start_from_stage": self.can_start_from_stage,
-                "name_parts": [list(p) for p in self.name_parts]}
+                "name_parts": [list(p) for p in self.name_parts], "optimises": self.optimises,
+                "reference_free": self.reference_free, "unit": self.unit, "trainer_margin": self.trainer_margin}
 
     @classmethod
     def from_json(cls, d: dict) -> Method:
@@ -130,7 +143,7 @@ def stage_methods() -> tuple[str, ...]:
     return tuple(m.name for m in _REGISTRY.values() if m.can_be_stage)
 
 
-# ---------------------------------------------------------------- the four built-in methods
+# ---------------------------------------------------------------- the built-in methods
 
 
 def _num(x: Any) -> str:
@@ -148,24 +161,44 @@ def _partial(c: Mapping[str, Any]) -> str:
     return text
 
 
+def _dpo_loss(c: Mapping[str, Any]) -> str:
+    """"sigmoid loss", "sigmoid + 0.5 × sft loss", "robust loss (label smoothing 0.1)"."""
+    losses = c.get("dpo.loss_type") or "sigmoid"
+    losses = [losses] if isinstance(losses, str) else list(losses)
+    weights = c.get("dpo.loss_weights") or [1.0] * len(losses)
+    text = " + ".join(loss if w == 1 else f"{_num(w)} × {loss}" for loss, w in zip(losses, weights, strict=False))
+    if c.get("dpo.label_smoothing"):
+        text += f" loss (label smoothing {_num(c.get('dpo.label_smoothing'))})"
+        return text
+    return text + " loss"
+
+
 _LORA_NAME = (("lora.rank", "r"), ("lora.targets", ""))
+_SFT_OPTIMISES = "the likelihood of the chosen completion given the prompt (rejected completions are never seen)"
+_POLICY_REWARD = ("beta × log(policy / reference) of the chosen minus that of the rejected completion, summed over "
+                  "tokens, averaged over one training batch")
 
 register(Method(
     name="sft", entry="experiments.sft:train", summary="full supervised fine-tuning (TRL SFTTrainer)",
     sections=("data", "train", "eval"), data_kind="sft", can_be_stage=True,
+    optimises=f"Raises {_SFT_OPTIMISES}, through every weight.", reference_free=True,
     describe=lambda c: "full supervised fine-tuning on prompt → chosen"))
 register(Method(
     name="lora_sft", entry="experiments.lora_sft:train", summary="supervised fine-tuning through a LoRA adapter",
     sections=("data", "train", "lora", "eval"), data_kind="sft", can_be_stage=True, name_parts=_LORA_NAME,
+    optimises=f"Raises {_SFT_OPTIMISES}, through a LoRA adapter.", reference_free=True,
     describe=lambda c: f"supervised fine-tuning on prompt → chosen through a {_lora(c)}"))
 register(Method(
     name="partial_ft", entry="experiments.partial_ft:train",
     summary="supervised fine-tuning of selected decoder layers, the rest frozen",
     sections=("data", "train", "partial_ft", "eval"), data_kind="sft", can_be_stage=True,
-    name_parts=(("partial_ft.layers", "L"),), describe=_partial))
+    name_parts=(("partial_ft.layers", "L"),), describe=_partial,
+    optimises=f"Raises {_SFT_OPTIMISES}, through the selected decoder layers only.", reference_free=True))
 register(Method(
     name="dpo_lora", entry="experiments.dpo_lora:train", summary="DPO through a LoRA adapter (TRL DPOTrainer)",
     sections=("data", "train", "lora", "dpo", "eval"), data_kind="preference", can_start_from_stage=True,
-    name_parts=(("dpo.beta", "b"), *_LORA_NAME),
-    describe=lambda c: f"DPO (beta {_num(c.get('dpo.beta'))}, {c.get('dpo.loss_type', 'sigmoid')} loss) "
-                       f"through a {_lora(c)}"))
+    name_parts=(("dpo.beta", "b"), *_LORA_NAME), unit="pair",
+    optimises="Widens the chosen-over-rejected log-prob margin relative to the reference (the starting model), "
+              "by the loss dpo.loss_type names; beta keeps the policy near that reference.",
+    trainer_margin=_POLICY_REWARD,
+    describe=lambda c: f"DPO (beta {_num(c.get('dpo.beta'))}, {_dpo_loss(c)}) through a {_lora(c)}"))
