@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # The config sections a method may use besides the top-level fields; `schema.VariantSpec` has one of each.
-SECTIONS = ("data", "train", "lora", "dpo", "partial_ft", "eval")
+SECTIONS = ("data", "train", "lora", "dpo", "simpo", "orpo", "kto", "partial_ft", "eval")
 
 
 class MethodError(LookupError):
@@ -67,6 +67,9 @@ class Method:
     unit: Literal["pair", "example"] = "example"
     """What one training row is: a preference pair, or one completion with its own target or label (SFT: prompt ->
     chosen; KTO: each pair split into a desirable and an undesirable example). Counts in the report use it."""
+    rows_per_pair: int = 1
+    """Training rows each selected preference pair becomes (KTO: 2, a desirable and an undesirable example), so
+    optimiser steps per epoch = ceil(pairs × rows_per_pair / train.batch_size)."""
     trainer_margin: str | None = None
     """What TRL's logged `rewards/margins` measures for this method, in words (scales differ between methods: never
     compare them across methods); None where its trainer logs none."""
@@ -93,7 +96,8 @@ class Method:
                 "data_kind": self.data_kind, "can_be_stage": self.can_be_stage,
                 "can_start_from_stage": self.can_start_from_stage,
                 "name_parts": [list(p) for p in self.name_parts], "optimises": self.optimises,
-                "reference_free": self.reference_free, "unit": self.unit, "trainer_margin": self.trainer_margin}
+                "reference_free": self.reference_free, "unit": self.unit, "rows_per_pair": self.rows_per_pair,
+                "trainer_margin": self.trainer_margin}
 
     @classmethod
     def from_json(cls, d: dict) -> Method:
@@ -202,3 +206,42 @@ register(Method(
               "by the loss dpo.loss_type names; beta keeps the policy near that reference.",
     trainer_margin=_POLICY_REWARD,
     describe=lambda c: f"DPO (beta {_num(c.get('dpo.beta'))}, {_dpo_loss(c)}) through a {_lora(c)}"))
+
+# ---------------------------------------------------------------- the preference-method family (docs/preference-methods.md)
+
+register(Method(
+    name="simpo_lora", entry="experiments.simpo_lora:train",
+    summary="SimPO through a LoRA adapter (TRL experimental CPOTrainer, loss_type simpo); reference-free",
+    sections=("data", "train", "lora", "simpo", "eval"), data_kind="preference", can_start_from_stage=True,
+    name_parts=(("simpo.beta", "b"), ("simpo.gamma", "g"), *_LORA_NAME), unit="pair", reference_free=True,
+    optimises="Widens the margin between the chosen and the rejected completion's mean per-token log-prob until "
+              "beta times it exceeds gamma; no reference model, so nothing holds the policy near its start.",
+    trainer_margin="beta × (mean per-token log-prob of chosen - that of rejected) under the policy alone "
+                   "(no reference), averaged over one training batch",
+    describe=lambda c: f"SimPO (beta {_num(c.get('simpo.beta'))}, gamma {_num(c.get('simpo.gamma'))}"
+                       + (f", NLL weight {_num(c.get('simpo.cpo_alpha'))}" if c.get("simpo.cpo_alpha") else "")
+                       + f", reference-free) through a {_lora(c)}"))
+register(Method(
+    name="orpo_lora", entry="experiments.orpo_lora:train",
+    summary="ORPO through a LoRA adapter (TRL experimental ORPOTrainer); reference-free, with an SFT term",
+    sections=("data", "train", "lora", "orpo", "eval"), data_kind="preference", can_start_from_stage=True,
+    name_parts=(("orpo.beta", "b"), *_LORA_NAME), unit="pair", reference_free=True,
+    optimises="Raises the likelihood of the chosen completion (an SFT term) and, weighted by beta, the odds of "
+              "chosen over rejected, in one pass with no reference model.",
+    trainer_margin="beta × (mean per-token log-prob of chosen - that of rejected) under the policy alone "
+                   "(no reference), averaged over one training batch; ORPO's own term is log_odds_ratio",
+    describe=lambda c: f"ORPO (beta {_num(c.get('orpo.beta'))}, SFT term included, reference-free) "
+                       f"through a {_lora(c)}"))
+register(Method(
+    name="kto_lora", entry="experiments.kto_lora:train",
+    summary="KTO through a LoRA adapter (TRL KTOTrainer); each pair trains as one desirable (chosen) and one "
+            "undesirable (rejected) example",
+    sections=("data", "train", "lora", "kto", "eval"), data_kind="preference", can_start_from_stage=True,
+    name_parts=(("kto.beta", "b"), *_LORA_NAME), unit="example", rows_per_pair=2,
+    optimises="Raises each desirable completion's reward beta × log(policy / reference) above a reference point "
+              "(the batch's KL estimate) and lowers each undesirable one below it, example by example: the pairing "
+              "of chosen with rejected is not used.",
+    trainer_margin="mean reward of the desirable examples minus mean reward of the undesirable examples in one "
+                   "training batch, rewards beta × log(policy / reference) summed over tokens (not per pair)",
+    describe=lambda c: f"KTO (beta {_num(c.get('kto.beta'))}, {c.get('kto.loss_type', 'kto')} loss; each pair "
+                       f"split into a desirable and an undesirable example) through a {_lora(c)}"))

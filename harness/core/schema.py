@@ -89,7 +89,7 @@ class TrainSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    """LoRA adapter shape (methods `lora_sft`, `dpo_lora`)."""
+    """LoRA adapter shape (every method whose record uses the `lora` section: lora_sft, dpo_lora, simpo_lora, ...)."""
 
     rank: PositiveInt = 8
     """Adapter rank r. Higher: more capacity and memory. At most the smallest dimension of the targeted
@@ -132,7 +132,8 @@ DPO_LOSS_TYPES = {
 # Offered by TRL's DPOConfig, refused here, and why.
 DPO_LOSS_REFUSED = {
     "aot_unpaired": "it sorts chosen and rejected rewards separately, throwing away which rejected answer belongs to "
-                    "which chosen one: it is for unpaired data, and every row here is a pair",
+                    "which chosen one: it is for unpaired data, and every row here is a pair (for good/bad labels "
+                    "without pairs, use method kto_lora)",
 }
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot")  # the DPO losses that read dpo.label_smoothing
 
@@ -179,6 +180,44 @@ class DpoSpec(_Strict):
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
 
+class SimpoSpec(_Strict):
+    """SimPO objective (method `simpo_lora`: TRL's experimental CPOTrainer, loss_type "simpo"). Reference-free: a
+    completion's reward is beta × its mean per-token log-prob, and the loss is -log σ(beta × Δ - gamma)."""
+
+    beta: PositiveFloat = 2.0
+    """Reward scale on the per-token log-prob. The SimPO paper uses 2.0 to 2.5 (10 for Gemma); TRL's CPO default
+    of 0.1 is a DPO-style value that leaves a per-token margin almost without gradient."""
+    gamma: Annotated[float, Field(ge=0)] = 1.0
+    """Target reward margin (TRL's simpo_gamma), in reward units; the paper's recipes keep gamma / beta near 0.5."""
+    cpo_alpha: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of a negative log-likelihood term on chosen (TRL's cpo_alpha): 0 = pure SimPO, as in the paper;
+    above 0, CPO-SimPO."""
+
+
+class OrpoSpec(_Strict):
+    """ORPO objective (method `orpo_lora`: TRL's experimental ORPOTrainer). Reference-free, one pass: the negative
+    log-likelihood of chosen minus beta × log σ(log odds(chosen) - log odds(rejected)), odds from per-token means."""
+
+    beta: PositiveFloat = 0.1
+    """The paper's lambda: weight of the odds-ratio term next to the SFT term (TRL's default; the paper used 0.1
+    to 0.25)."""
+
+
+class KtoSpec(_Strict):
+    """KTO objective (method `kto_lora`: TRL's KTOTrainer). Each preference pair trains as two examples: the
+    chosen completion labelled desirable and the rejected one labelled undesirable."""
+
+    beta: PositiveFloat = 0.1
+    """Scale of the implicit reward beta × log(policy / reference); larger keeps the policy closer to it."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """kto: each reward against a reference point, the batch's KL estimate (needs train.batch_size >= 2);
+    apo_zero_unpaired: raise desirable and lower undesirable, each against the reference, with no KL term."""
+    desirable_weight: PositiveFloat = 1.0
+    """Loss weight of the desirable (chosen) examples. Split pairs give as many of each, so 1.0 and 1.0 balance."""
+    undesirable_weight: PositiveFloat = 1.0
+    """Loss weight of the undesirable (rejected) examples."""
+
+
 class PartialSpec(_Strict):
     """Which parameters partial fine-tuning trains (method `partial_ft`); everything else is frozen."""
 
@@ -208,7 +247,8 @@ class VariantSpec(_Strict):
     """Label for this variant (shown in run names); also what `from:` refers to. Not part of the id."""
     method: str = "dpo_lora"
     """Training method, a name from the method registry (`harness.core.methods`): sft (full), lora_sft,
-    partial_ft, dpo_lora (DPO through a LoRA adapter)."""
+    partial_ft, dpo_lora (DPO through a LoRA adapter), simpo_lora, orpo_lora, kto_lora (the preference-method
+    family through LoRA; see docs/preference-methods.md)."""
     base_model: str = "smollm2-135m-instruct"
     """smollm2-135m-instruct, gemma-3-270m (a raw pretrained base; the `[gemma]` extra), tiny-random-llama, a
     local HF model folder, a .gguf file (de-quantised once into the cache), or a hub id (needs network)."""
@@ -229,6 +269,9 @@ class VariantSpec(_Strict):
     train: TrainSpec = TrainSpec()
     lora: LoraSpec = LoraSpec()
     dpo: DpoSpec = DpoSpec()
+    simpo: SimpoSpec = SimpoSpec()
+    orpo: OrpoSpec = OrpoSpec()
+    kto: KtoSpec = KtoSpec()
     partial_ft: PartialSpec = PartialSpec()
     eval: EvalSpec = EvalSpec()
 
@@ -272,6 +315,10 @@ class VariantSpec(_Strict):
         if self.train.batch_size < 2 and record.uses("dpo") and "aot" in losses:
             refuse(("train", "batch_size"), self.train.batch_size, f"loss_type {dpo.loss_type!r}: aot sorts the "
                    f"margins across a batch and needs at least 2 pairs per step (at 1 it is sigmoid)")
+        if self.train.batch_size < 2 and record.uses("kto") and self.kto.loss_type == "kto":
+            refuse(("train", "batch_size"), self.train.batch_size, f"{self.method} estimates KTO's KL term from the "
+                   f"other completions of its batch and needs at least 2 examples per step (TRL refuses 1); or "
+                   f"kto.loss_type apo_zero_unpaired, which has no KL term")
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
