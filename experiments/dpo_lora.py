@@ -1,8 +1,9 @@
 """DPO through a LoRA adapter (TRL DPOTrainer + PEFT).
 
 The reference is the starting model with the adapter disabled: the base model, or, with `from: <stage>`,
-that SFT stage's trained model. Run through a grid: `method: dpo_lora`, `dpo: {beta, loss_type}`,
-`lora: {rank, alpha, targets}`.
+that SFT stage's trained model. Run through a grid: `method: dpo_lora`, `dpo: {beta, loss_type, loss_weights,
+label_smoothing}` (any offline-pair loss of TRL's DPOTrainer, or a weighted list of them: see
+`harness.core.schema.DPO_LOSS_TYPES`), `lora: {rank, alpha, targets}`.
 
 The reference log-probs of the training pairs are the ones the measurement already took before training
 (same tokenisation, same reference, cached across variants by `experiments.refcache`): they are handed to TRL
@@ -23,7 +24,9 @@ def train(ctx: common.RunContext) -> dict:
     rows = common.prepare_rows(ctx, "preference")
     rows = common.audit_and_log(ctx, rows, tokenizer, "preference")
     model = common.load_model(ctx, tokenizer)
-    args = DPOConfig(**common.trainer_args(ctx), beta=ctx.spec.dpo.beta, loss_type=[ctx.spec.dpo.loss_type])
+    dpo = ctx.spec.dpo
+    args = DPOConfig(**common.trainer_args(ctx), beta=dpo.beta, loss_type=dpo.loss_types,
+                     loss_weights=dpo.loss_weights, label_smoothing=dpo.label_smoothing)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=common.lora_config(ctx, model),
                          callbacks=[common.HarnessCallback(ctx)])

@@ -92,7 +92,8 @@ def group_id(identity: dict) -> str:
 _SHORT_MODEL = {"smollm2-135m-instruct": "smollm2", "tiny-random-llama": "tiny", "gemma-3-270m": "gemma3"}
 # Fields whose value is part of every run name, and short prefixes for others when they vary.
 _ALWAYS_SHOWN = {"method", "base_model", "data.size", "train.epochs", "name"}
-_SHORT_KEYS = {"train.learning_rate": "lr", "seed": "s", "lora.alpha": "a", "data.shuffle_seed": "ds"}
+_SHORT_KEYS = {"train.learning_rate": "lr", "seed": "s", "lora.alpha": "a", "data.shuffle_seed": "ds",
+               "dpo.loss_type": "", "dpo.label_smoothing": "ls", "dpo.loss_weights": "w"}
 
 
 def short_model(name: str) -> str:
@@ -120,6 +121,9 @@ def run_name(spec: VariantSpec, varying: set[str]) -> str:
     parts += [(key, f"{prefix}{fmt_value(flat[key])}") for key, prefix in method.name_parts]
     shown = _ALWAYS_SHOWN | {key for m in methods.all_methods() for key, _ in m.name_parts}
     for key in sorted(varying - shown):
+        section = key.split(".")[0]
+        if section in methods.SECTIONS and not method.uses(section):  # another method's setting: not this run's
+            continue
         if flat.get(key) is not None:  # unset here (no `from:`, no modules regex): nothing to tell apart by
             parts.append((key, f"{_SHORT_KEYS.get(key, key.split('.')[-1])}{fmt_value(flat[key])}"))
     ordered = [text for key, text in parts if key in varying] + [text for key, text in parts if key not in varying]
