@@ -112,7 +112,7 @@ def _preflight(grid, backend=None) -> list[str]:
 
 def _preflight_variants(path, variants, backend=None) -> list[str]:
     from experiments.device import pick_device
-    from harness import preflight
+    from harness.run import preflight
 
     # On Ray the variants train on the cluster's devices: a CPU if no GPU is asked for, else one this machine
     # cannot check (the precision is then checked by each worker on its own device).
@@ -129,15 +129,15 @@ def _warm_workers(backend) -> None:
     """Start the local workers' server now, so that its imports (torch & co, ~7 s of CPU) overlap with the
     checks and opening the store instead of delaying the first variant."""
     if backend is None:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.warm_up()
 
 
 def _bad_worker_environment(command: str) -> bool:
     """The environment variables that shape worker processes, checked before anything starts."""
-    from harness import spawn
-    from harness.worker import THREADS_ENV
+    from harness.run import spawn
+    from harness.run.worker import THREADS_ENV
 
     problems = []
     try:
@@ -188,7 +188,7 @@ def _open_backend(args, results: Path, command: str):
     """(backend, None) for --executor ray (None for local), or (None, exit code) when Ray cannot be used."""
     if args.executor != "ray":
         return None, None
-    from harness.ray_backend import BackendError, RayBackend
+    from harness.run.ray_backend import BackendError, RayBackend
 
     try:
         backend = RayBackend(results, address=args.address, gpus_per_variant=args.gpus_per_variant,
@@ -202,7 +202,7 @@ def _open_backend(args, results: Path, command: str):
 def cmd_run(args) -> int:
     rc = _cmd_run(args)
     if rc == EXIT_BAD_INPUT:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.stop()  # started early below, in case the checks passed
     return rc
@@ -245,7 +245,7 @@ def _cmd_run(args) -> int:
             return EXIT_BAD_INPUT
         import logging
 
-        from harness.executor import run_grid
+        from harness.run.session import run_grid
 
         # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
         # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.

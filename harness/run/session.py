@@ -13,8 +13,8 @@ trial's variant at a time. Within a session:
 - A variant that fails ends FAILED with its reason and traceback; the rest go on. Children of a
   failed stage are not run. Ctrl-C / SIGTERM end the running variants as KILLED.
 - One variant per GPU when there are several; one at a time otherwise (`jobs` for more, the CPU's cores split
-  between them). Workers are forked from a warm server that imported torch & co once (harness.spawn).
-- Or, given a `backend` (harness.ray_backend: `--executor ray`), each variant is a task on a Ray cluster; the
+  between them). Workers are forked from a warm server that imported torch & co once (harness.run.spawn).
+- Or, given a `backend` (harness.run.ray_backend: `--executor ray`), each variant is a task on a Ray cluster; the
   backend decides how many run at once and hands back the same kind of worker object, so everything above
   holds there too.
 """
@@ -38,19 +38,19 @@ from typing import Protocol, TextIO
 
 import yaml
 
-from harness import spawn
+from harness.run import spawn
 from harness.core import provenance
 from harness.core import runs as R
 from harness.core.tracking import MlflowTracker, default_tracking_uri, is_disk_full, redact, says_disk_full
 from harness.core.variant import Variant
-from harness.progress import Progress, outcome_line, summary_table
-from harness.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
+from harness.run.progress import Progress, outcome_line, summary_table
+from harness.run.worker import EXIT_INTERRUPTED, PREFIX, TRACKING_URI_ENV
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
 
 
 class Backend(Protocol):
-    """Where variants run when not in processes on this machine (harness.ray_backend.RayBackend)."""
+    """Where variants run when not in processes on this machine (harness.run.ray_backend.RayBackend)."""
 
     name: str  # tagged on every run (harness.executor)
 
@@ -167,7 +167,7 @@ class Session:
         self.finished: dict[str, str] = {}
         self.reuse_parent = reuse_parent  # continue this parent run (a resumed search) instead of a new one
         self.child_tags: dict[str, dict] = {}  # variant id -> extra tags for its run (a search's trial number)
-        self.backend = backend  # None: worker processes on this machine (harness.spawn)
+        self.backend = backend  # None: worker processes on this machine (harness.run.spawn)
         self._slots = backend.slots(jobs) if backend is not None else _slots(jobs)
         self._threads = None if backend is not None else _threads_per_slot(self._slots)
         self.claims = R.Claims(self.runs_dir)  # several runners on one results folder train each variant once

@@ -10,9 +10,9 @@ What runs where:
   study. For each variant it ships the job, the variant's data files (and a stage's trained model) through
   Ray's object store, and writes what comes back into results/runs/<id>/ as a local worker would have.
 - On a Ray node (`run_variant`, one task per variant): the shipped files go into a temporary folder and the
-  variant's worker runs there as a process of its own, started as a local run starts it (`harness.spawn`):
+  variant's worker runs there as a process of its own, started as a local run starts it (`harness.run.spawn`):
   forked from a server that the node's Ray worker process started once and that has imported torch & co (the
-  node's later variants skip those ~7 s), or `python -m harness.worker` with HARNESS_WORKER_START=exec. A
+  node's later variants skip those ~7 s), or `python -m harness.run.worker` with HARNESS_WORKER_START=exec. A
   fresh process per variant, so whatever it held on the GPU is freed when it exits, and it dies with the
   task. Its output lines reach the driver through a `Relay` actor (the live progress view and
   results/runs/<id>/worker.log); the task returns the worker's output folder (result.json or error.json,
@@ -53,9 +53,9 @@ from typing import IO, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from harness import spawn
+from harness.run import spawn
 from harness.core.tracking import default_tracking_uri, redact
-from harness.worker import EXIT_INTERRUPTED, PREFIX, THREADS_ENV, TRACKING_URI_ENV
+from harness.run.worker import EXIT_INTERRUPTED, PREFIX, THREADS_ENV, TRACKING_URI_ENV
 
 INSTALL = 'pip install -e ".[ray]"  (or: pip install "ray==2.60.0")'
 # What a worker on another node gets from this process's environment, besides the tracking URI: the switches
@@ -83,7 +83,7 @@ def require_ray():
 
 
 class RayBackend:
-    """A Session backend (harness.executor.Backend): `slots` says how many variants run at once, `start`
+    """A Session backend (harness.run.session.Backend): `slots` says how many variants run at once, `start`
     submits one variant and returns a worker object with the interface the executor uses for a process.
 
         with RayBackend(results, address="auto").open() as backend:
@@ -313,7 +313,7 @@ class RayBackend:
 
 
 class RayWorker:
-    """One variant's Ray task, seen as the executor sees a worker process (`harness.spawn.Worker`): `stdout`
+    """One variant's Ray task, seen as the executor sees a worker process (`harness.run.spawn.Worker`): `stdout`
     yields the worker's lines as the relay brings them, `poll`/`wait` give its exit code once the task is done
     (after writing what it returned into the output folder), SIGINT asks it to stop (it ends KILLED, its
     outputs kept), `kill` cancels the task outright."""
@@ -365,7 +365,7 @@ class RayWorker:
         while self.poll() is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired("harness.worker (ray task)", timeout)
+                raise subprocess.TimeoutExpired("harness.run.worker (ray task)", timeout)
             ray.wait([self._ref], timeout=min(0.5, left) if left is not None else 0.5, fetch_local=False)
         return self.returncode
 
@@ -503,7 +503,7 @@ def unpack(blob: bytes, folder: Path) -> None:
 
 def run_variant(job: dict, data: dict[str, tuple[str, Any]], stage: bytes | None, env: dict[str, str], relay,
                 key: str) -> dict:
-    """The Ray task: train one variant in a worker process of its own (`harness.spawn`), relaying its output.
+    """The Ray task: train one variant in a worker process of its own (`harness.run.spawn`), relaying its output.
     Returns {"rc": exit code, "outputs": tar of its output folder}."""
     import ray
 
