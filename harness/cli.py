@@ -155,12 +155,11 @@ def _bad_worker_environment(command: str) -> bool:
 def _tracking(args, command: str) -> bool:
     """--tracking-uri (else MLFLOW_TRACKING_URI, else the results folder's sqlite store); an HTTP server is asked
     whether it answers before anything starts. False (said on stderr) if it does not."""
-    from harness.core.tracking import redact
-    from harness.server import health
+    from harness.core.tracking import redact, server_health
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        problem = health(uri)
+        problem = server_health(uri)
         if problem:
             print(f"{command}: cannot reach the MLflow tracking server at {redact(uri)}: {problem}; start one with "
                   f"`python -m harness server` (nothing was run)", file=sys.stderr)

@@ -54,7 +54,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from harness.run import spawn
-from harness.core.tracking import default_tracking_uri, redact
+from harness.core.tracking import default_tracking_uri, redact, server_health
 from harness.run.worker import EXIT_INTERRUPTED, PREFIX, THREADS_ENV, TRACKING_URI_ENV
 
 INSTALL = 'pip install -e ".[ray]"  (or: pip install "ray==2.60.0")'
@@ -138,8 +138,7 @@ class RayBackend:
         self.close()
 
     def _check_tracking(self) -> None:
-        from harness.server import health
-
+    
         shown = redact(self.uri)
         if urlparse(self.uri).scheme not in ("http", "https"):
             raise BackendError(
@@ -147,7 +146,7 @@ class RayBackend:
                 f"on other nodes log over HTTP to one MLflow server. Start it with `python -m harness server "
                 f"--results {self.results_dir}` and pass --tracking-uri http://127.0.0.1:5000 (or set "
                 f"MLFLOW_TRACKING_URI)")
-        problem = health(self.uri)
+        problem = server_health(self.uri)
         if problem:
             raise BackendError(f"cannot reach the MLflow tracking server at {shown}: {problem}; start it with "
                                f"`python -m harness server --results {self.results_dir}`")

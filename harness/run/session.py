@@ -38,7 +38,7 @@ from typing import Protocol, TextIO
 
 import yaml
 
-from harness.run import spawn
+from harness.run import describe, spawn
 from harness.core import provenance
 from harness.core import runs as R
 from harness.core.tracking import MlflowTracker, default_tracking_uri, is_disk_full, redact, says_disk_full
@@ -412,12 +412,10 @@ class Session:
         return Outcome(act.variant, label, act.run_id, seconds, reason, steps)
 
     def _headline(self, act: Active) -> None:
-        """What the MLflow UI shows first for a finished variant (`harness.ui.summarise_run`). A failure here is
+        """What the MLflow UI shows first for a finished variant (`describe.summarise_run`). A failure here is
         said, never the variant's: it trained and was measured."""
-        from harness import ui
-
         try:
-            ui.summarise_run(self.uri, act.run_id, act.out_dir / "pairs.csv")
+            describe.summarise_run(self.uri, act.run_id, act.out_dir / "pairs.csv")
         except Exception as e:  # noqa: BLE001
             if is_disk_full(e):
                 self._disk_full_seen(e)
@@ -426,14 +424,12 @@ class Session:
                       file=self.stream, flush=True)
 
     def _describe(self, ordered: list[Outcome]) -> None:
-        """The parent run's table of its variants and the experiment's saved view (`harness.ui`)."""
-        from harness import ui
-
-        members = [ui.Member(o.variant.run_name, o.status, o.run_id, o.reason) for o in ordered]
+        """The parent run's table of its variants and the experiment's saved view (`describe`)."""
+        members = [describe.Member(o.variant.run_name, o.status, o.run_id, o.reason) for o in ordered]
         hint = (f"The writeup with figures: `python -m harness report {self.experiment_name}` writes it and logs "
                 f"`report/report.html` to this run.")
         try:
-            ui.after_invocation(self.uri, self.exp, self.parent_run, self.experiment_name, members, hint)
+            describe.after_invocation(self.uri, self.exp, self.parent_run, self.experiment_name, members, hint)
         except Exception as e:  # noqa: BLE001
             if is_disk_full(e):
                 self._disk_full_seen(e)
