@@ -2,7 +2,7 @@
 
 The job file names the variant, its method's registry record (so a method registered at run time, by a
 plugin or a test, trains here too), the MLflow run to log into and the output folder; from a Ray task
-(harness.run.ray_backend) also where to upload the run's artifacts through the tracking server and which attempt
+(harness.run.ray) also where to upload the run's artifacts through the tracking server and which attempt
 this is. Progress events go
 to stdout as `@@harness {json}` lines; everything else the libraries print goes to the log. Exit codes:
 0 finished, 1 failed (reason in error.json, traceback logged), 130 interrupted.
