@@ -23,10 +23,7 @@ import errno
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -187,7 +184,7 @@ def _open_backend(args, results: Path, command: str):
     """(backend, None) for --executor ray (None for local), or (None, exit code) when Ray cannot be used."""
     if args.executor != "ray":
         return None, None
-    from harness.run.ray_backend import BackendError, RayBackend
+    from harness.run.ray import BackendError, RayBackend
 
     try:
         backend = RayBackend(results, address=args.address, gpus_per_variant=args.gpus_per_variant,
@@ -419,67 +416,9 @@ def _file_name(label: str) -> str:
 
 def cmd_ui(args) -> int:
     from harness import ui
-    from harness.core.tracking import default_tracking_uri
 
-    if args.workers < 1:
-        print(f"ui: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    refused = ui.remote_refused("ui", args.host, args.allow_remote)
-    if refused:
-        print(refused, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.host not in ui.LOOPBACK:  # allowed, and said at once
-        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
-              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
-              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
-    taken = ui.port_taken(args.host, args.port)
-    if taken:
-        print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    results = _results_dir(args)
-    uri = default_tracking_uri(results)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    base = f"http://{shown_host}:{args.port}"
-    try:
-        links = ui.prepare(results, args.target, base)
-    except ui.UiError as e:
-        print(f"ui: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for note in links.notes:
-        _say(f"note: {note}", file=sys.stderr)
-    # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
-    # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
-    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
-    print(f"starting the MLflow UI on {base} ({workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(ui.server_command(uri, results, args.host, args.port, args.workers),
-                            env=ui.server_env(args.job_runner), start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        answering = ui.wait_until_answering(f"http://{shown_host}:{args.port}/health", proc, timeout=180)
-        if proc.poll() is not None:
-            print(f"ui: the MLflow server exited with code {proc.returncode} before answering", file=sys.stderr)
-            return proc.returncode or 1
-        print(f"MLflow UI on {base}" + ("" if answering else " (not answering yet; it may need a minute more)"),
-              flush=True)
-        for what, url in links.lines:
-            print(f"  {what}:\n    {url}", flush=True)
-        if args.open and links.lines:
-            import webbrowser
-
-            webbrowser.open(links.lines[0][1])
-        return proc.wait()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        ui.stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    return ui.serve(_results_dir(args), args.target, host=args.host, port=args.port, workers=args.workers,
+                    allow_remote=args.allow_remote, job_runner=args.job_runner, open_browser=args.open)
 
 
 def cmd_server(args) -> int:

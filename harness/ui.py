@@ -32,6 +32,8 @@ from harness.run.describe import has_artifact, publish_view, summarise_run
 
 ML_MODE = "workflowType=machine_learning"  # MLflow 3 opens in GenAI mode (traces) unless told otherwise
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 
@@ -199,3 +201,69 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def serve(results: Path, target: str | None, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
+          allow_remote: bool = False, job_runner: bool = False, open_browser: bool = False) -> int:
+    """`harness ui`: get the store ready, start the MLflow server, say where to look, and run until interrupted.
+    Exit code 2 for bad input (a port in use, an unknown grid, a host other machines can reach without
+    `allow_remote`), 130 on Ctrl-C/SIGTERM, else the server's own."""
+    if workers < 1:
+        print(f"ui: --workers: expected 1 or more, got {workers}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    refused = remote_refused("ui", host, allow_remote)
+    if refused:
+        print(refused, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if host not in LOOPBACK:  # allowed, and said at once
+        print(f"warning: --host {host} --allow-remote: anyone who can reach this machine on port {port} can "
+              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
+              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
+    taken = port_taken(host, port)
+    if taken:
+        print(f"ui: cannot listen on {host}:{port}: {taken}; pick another with --port", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    uri = default_tracking_uri(results)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown_host}:{port}"
+    try:
+        links = prepare(results, target, base)
+    except UiError as e:
+        print(f"ui: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for note in links.notes:
+        print(redact(f"note: {note}"), file=sys.stderr)
+    # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
+    # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
+    shown_workers = f"{workers} worker{'s' if workers > 1 else ''}"
+    print(f"starting the MLflow UI on {base} ({shown_workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(server_command(uri, results, host, port, workers),
+                            env=server_env(job_runner), start_new_session=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        answering = wait_until_answering(f"http://{shown_host}:{port}/health", proc, timeout=180)
+        if proc.poll() is not None:
+            print(f"ui: the MLflow server exited with code {proc.returncode} before answering", file=sys.stderr)
+            return proc.returncode or 1
+        print(f"MLflow UI on {base}" + ("" if answering else " (not answering yet; it may need a minute more)"),
+              flush=True)
+        for what, url in links.lines:
+            print(f"  {what}:\n    {url}", flush=True)
+        if open_browser and links.lines:
+            import webbrowser
+
+            webbrowser.open(links.lines[0][1])
+        return proc.wait()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_group(proc)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
