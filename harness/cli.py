@@ -23,10 +23,7 @@ import errno
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -112,7 +109,7 @@ def _preflight(grid, backend=None) -> list[str]:
 
 def _preflight_variants(path, variants, backend=None) -> list[str]:
     from experiments.device import pick_device
-    from harness import preflight
+    from harness.run import preflight
 
     # On Ray the variants train on the cluster's devices: a CPU if no GPU is asked for, else one this machine
     # cannot check (the precision is then checked by each worker on its own device).
@@ -129,15 +126,15 @@ def _warm_workers(backend) -> None:
     """Start the local workers' server now, so that its imports (torch & co, ~7 s of CPU) overlap with the
     checks and opening the store instead of delaying the first variant."""
     if backend is None:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.warm_up()
 
 
 def _bad_worker_environment(command: str) -> bool:
     """The environment variables that shape worker processes, checked before anything starts."""
-    from harness import spawn
-    from harness.worker import THREADS_ENV
+    from harness.run import spawn
+    from harness.run.worker import THREADS_ENV
 
     problems = []
     try:
@@ -155,12 +152,11 @@ def _bad_worker_environment(command: str) -> bool:
 def _tracking(args, command: str) -> bool:
     """--tracking-uri (else MLFLOW_TRACKING_URI, else the results folder's sqlite store); an HTTP server is asked
     whether it answers before anything starts. False (said on stderr) if it does not."""
-    from harness.core.tracking import redact
-    from harness.server import health
+    from harness.core.tracking import redact, server_health
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        problem = health(uri)
+        problem = server_health(uri)
         if problem:
             print(f"{command}: cannot reach the MLflow tracking server at {redact(uri)}: {problem}; start one with "
                   f"`python -m harness server` (nothing was run)", file=sys.stderr)
@@ -188,7 +184,7 @@ def _open_backend(args, results: Path, command: str):
     """(backend, None) for --executor ray (None for local), or (None, exit code) when Ray cannot be used."""
     if args.executor != "ray":
         return None, None
-    from harness.ray_backend import BackendError, RayBackend
+    from harness.run.ray import BackendError, RayBackend
 
     try:
         backend = RayBackend(results, address=args.address, gpus_per_variant=args.gpus_per_variant,
@@ -202,7 +198,7 @@ def _open_backend(args, results: Path, command: str):
 def cmd_run(args) -> int:
     rc = _cmd_run(args)
     if rc == EXIT_BAD_INPUT:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.stop()  # started early below, in case the checks passed
     return rc
@@ -245,7 +241,7 @@ def _cmd_run(args) -> int:
             return EXIT_BAD_INPUT
         import logging
 
-        from harness.executor import run_grid
+        from harness.run.session import run_grid
 
         # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
         # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
@@ -420,67 +416,9 @@ def _file_name(label: str) -> str:
 
 def cmd_ui(args) -> int:
     from harness import ui
-    from harness.core.tracking import default_tracking_uri
 
-    if args.workers < 1:
-        print(f"ui: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    refused = ui.remote_refused("ui", args.host, args.allow_remote)
-    if refused:
-        print(refused, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.host not in ui.LOOPBACK:  # allowed, and said at once
-        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
-              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
-              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
-    taken = ui.port_taken(args.host, args.port)
-    if taken:
-        print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    results = _results_dir(args)
-    uri = default_tracking_uri(results)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    base = f"http://{shown_host}:{args.port}"
-    try:
-        links = ui.prepare(results, args.target, base)
-    except ui.UiError as e:
-        print(f"ui: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for note in links.notes:
-        _say(f"note: {note}", file=sys.stderr)
-    # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
-    # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
-    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
-    print(f"starting the MLflow UI on {base} ({workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(ui.server_command(uri, results, args.host, args.port, args.workers),
-                            env=ui.server_env(args.job_runner), start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        answering = ui.wait_until_answering(f"http://{shown_host}:{args.port}/health", proc, timeout=180)
-        if proc.poll() is not None:
-            print(f"ui: the MLflow server exited with code {proc.returncode} before answering", file=sys.stderr)
-            return proc.returncode or 1
-        print(f"MLflow UI on {base}" + ("" if answering else " (not answering yet; it may need a minute more)"),
-              flush=True)
-        for what, url in links.lines:
-            print(f"  {what}:\n    {url}", flush=True)
-        if args.open and links.lines:
-            import webbrowser
-
-            webbrowser.open(links.lines[0][1])
-        return proc.wait()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        ui.stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    return ui.serve(_results_dir(args), args.target, host=args.host, port=args.port, workers=args.workers,
+                    allow_remote=args.allow_remote, job_runner=args.job_runner, open_browser=args.open)
 
 
 def cmd_server(args) -> int:

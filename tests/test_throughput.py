@@ -18,7 +18,7 @@ from experiments import data as D
 from experiments import evaluate as E
 from experiments import models as M
 from experiments import refcache
-from harness import spawn
+from harness.run import spawn
 from harness.cli import main
 
 GRID = """
