@@ -223,16 +223,8 @@ def _cmd_run(args) -> int:
               f"`python -m harness plan {args.grid}` and pass --yes to run them all (nothing was run)", file=sys.stderr)
         return EXIT_BAD_INPUT
     results = _results_dir(args)
-    problem = _unwritable(results) or _store_lost(results)
-    if problem:
-        print(f"run: --results: {problem}", file=sys.stderr)
+    if not _store_ready(args, "run"):
         return EXIT_BAD_INPUT
-    from harness.core.runs import check_store
-
-    if not _tracking(args, "run"):
-        return EXIT_BAD_INPUT
-    # a damaged store is said before the models load (default_tracking_uri would create the folder)
-    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
     backend, rc = _open_backend(args, results, "run")
     if rc is not None:
         return rc
@@ -251,6 +243,23 @@ def _cmd_run(args) -> int:
     finally:
         if backend is not None:
             backend.close()
+
+
+def _store_ready(args, command: str) -> bool:
+    """What `run` and `search` check before anything is created: a writable results folder, no store lost
+    beside finished outputs, a tracking server that answers, a store that is whole (said on stderr if not)."""
+    from harness.core.runs import check_store
+
+    results = _results_dir(args)
+    problem = _unwritable(results) or _store_lost(results)
+    if problem:
+        print(f"{command}: --results: {problem}", file=sys.stderr)
+        return False
+    if not _tracking(args, command):
+        return False
+    # a damaged store is said before the models load (default_tracking_uri would create the folder)
+    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
+    return True
 
 
 def _store_lost(results: Path) -> str | None:
@@ -289,7 +298,7 @@ def _unwritable(results: Path) -> str | None:
 
 def cmd_search(args) -> int:
     from harness.grid import GridError
-    from harness.search import Search, export_grid, load_search
+    from harness.search import Search, SearchError, export_grid, load_search
 
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         print("search: --workers and --trials take a positive integer", file=sys.stderr)
@@ -305,7 +314,7 @@ def cmd_search(args) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not _tracking(args, "search"):
+    if not _store_ready(args, "search"):
         return EXIT_BAD_INPUT
     backend, rc = _open_backend(args, _results_dir(args), "search")
     if rc is not None:
@@ -314,8 +323,12 @@ def cmd_search(args) -> int:
         if _preflight_variants(args.file, [spec_variant(spec)], backend):
             return EXIT_BAD_INPUT
         _warm_workers(backend)
-        search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
-                        storage_url=args.storage, argv=sys.argv, backend=backend)
+        try:
+            search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers,
+                            timeout=args.timeout, storage_url=args.storage, argv=sys.argv, backend=backend)
+        except SearchError as e:
+            print(f"search: {e} (nothing was run)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         rc = search.run()
     finally:
         if backend is not None:
@@ -344,11 +357,17 @@ def cmd_report(args) -> int:
     from analysis.report import write_report
 
     results = _results_dir(args)
+    if not _tracking(args, "report"):
+        return EXIT_BAD_INPUT
     try:
         path = study.build(args.target, results) if study.is_search(args.target, results) else write_report(
             args.target, results)
     except StudyError as e:
         print(f"report: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a read-only or full results folder: the report cannot be written there
+        print(f"report: cannot write the report: {e.strerror or e}"
+              f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
     return 0
@@ -363,6 +382,12 @@ def cmd_evaluate(args) -> int:
     from harness.core.runs import RUN_ID
 
     results = _results_dir(args)
+    if args.out and Path(args.out).is_dir():
+        print(f"evaluate: --out: {args.out} is a directory; give a file name ending in .csv (a .json of the "
+              f"metrics is written beside it)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not _tracking(args, "evaluate"):
+        return EXIT_BAD_INPUT
     data = Path(args.data) if args.data else D.BUILTIN_DIR / D.BUILTIN_FILES["eval"]
     try:
         if not data.is_file():
@@ -393,8 +418,12 @@ def cmd_evaluate(args) -> int:
     table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
     default = f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
     out = Path(args.out) if args.out else results / "evaluations" / default
-    E.write_table(table, out)
-    out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    try:
+        E.write_table(table, out)
+        out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    except OSError as e:
+        print(f"evaluate: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"{loaded.label} on {data} ({len(rows)} pairs):")
     for key, value in metrics.items():
         print(f"  {key:36s} {value:.6g}")
@@ -473,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, help="trials the study should hold (default: search.trials); a rerun "
                    "continues the study up to this many")
     s.add_argument("--workers", type=int, default=1, help="trials at once, each in its own process (default 1)")
-    s.add_argument("--timeout", type=float, help="ask no new trial after this many seconds")
+    s.add_argument("--timeout", type=_positive(float, "seconds"), help="ask no new trial after this many seconds")
     s.add_argument("--storage", help="Optuna RDB URL (e.g. postgresql://...) to share the study between machines "
                    "(default: a journal file results/search/<name>.journal)")
     s.add_argument("--export", help="write a grid that reproduces the best trial(s) here")
@@ -494,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="a model name or folder, or the run id of a finished variant")
     s.add_argument("--data", help="preference file (.jsonl/.csv/.parquet; default: the built-in held-out pairs)")
     s.add_argument("--base", help="reference model to measure margin shift and drift against")
-    s.add_argument("--max-length", type=int, default=512, help="token budget per pair for a model (a run uses its own)")
+    s.add_argument("--max-length", type=_positive(int, "tokens"), default=512,
+                   help="token budget per pair for a model (a run uses its own)")
     s.add_argument("--out", help="per-pair CSV (default: <results>/evaluations/<name>__<data>.csv)")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     s.set_defaults(fn=cmd_evaluate)
@@ -507,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
                    "another needs --allow-remote)")
     s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
-    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--port", type=_port, default=5000)
     s.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: enough for one user)")
     s.add_argument("--job-runner", action="store_true", help="also start MLflow's job runner (GenAI judges and "
                    "scorers; not needed for training runs)")
@@ -520,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
                    "0.0.0.0 for workers on other machines needs --allow-remote)")
     s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
-    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--port", type=_port, default=5000)
     s.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
     s.add_argument("--results", help="results folder whose mlflow.db and artifacts/ it serves (default: results/)")
     s.set_defaults(fn=cmd_server)
@@ -547,6 +577,30 @@ def _add_executor_flags(s) -> None:
                    "threads (default 1)")
     s.add_argument("--max-retries", type=int, default=3, help="ray: retries of a variant whose process or node is "
                    "lost; it trains again from step 0 into the same run (default 3)")
+
+
+def _positive(kind, unit: str):
+    """An argparse type: a finite number above 0 (argparse then says the flag, the value and this, exit 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    """A TCP port to listen on, 1 to 65535 (0 would pick one the URL printed could not name)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
