@@ -73,12 +73,14 @@ def cmd_plan(args) -> int:
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
-    header = ("#", "id", "variant", "method", "steps", "from", "source")
+    header = ("#", "id", "variant", "method", "steps", "from", "source") + (("memory",) if args.memory else ())
     rows = [header]
     by_id = grid.by_id()
+    estimates = _estimates(grid) if args.memory else {}
     for i, v in enumerate(grid.variants, 1):
         parent = by_id[v.parent_id].run_name if v.parent_id else ""
-        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source))
+        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source)
+                    + ((estimates[v.id],) if args.memory else ()))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     for r in rows:
         _say("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
@@ -89,6 +91,29 @@ def cmd_plan(args) -> int:
     _say(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
           f"optimiser steps in total{extra}")
     return 0
+
+
+def _estimates(grid) -> dict[str, str]:
+    """Each variant's estimated peak (GB, at data.max_length: an upper bound) on this machine's device."""
+    from experiments import memory
+    from experiments import models as M
+    from experiments.device import pick_device
+
+    device, out, skeletons = pick_device(), {}, {}
+    limit = memory.capacity(device)
+    for v in grid.variants:
+        try:
+            if v.spec.base_model not in skeletons:
+                skeletons[v.spec.base_model] = M.skeleton(v.spec.base_model, Path(v.grid_dir))
+            precision, base_dtype = memory.resolved(v.spec, device)
+            est = memory.estimate(v.spec, skeletons[v.spec.base_model], device=device, precision=precision,
+                                  base_dtype=base_dtype)
+            out[v.id] = f"{est.gb():.1f} GB" + ("" if est.peak <= limit else f" > {limit / 1e9:.0f} GB")
+        except Exception as e:  # noqa: BLE001 - `validate --deep` says what is wrong with the variant
+            out[v.id] = f"n/a ({type(e).__name__})"
+    _say(f"memory: estimated peaks on this machine's {device} ({limit / 1e9:.0f} GB), at data.max_length (an "
+         f"upper bound; experiments/memory.py)", file=sys.stderr)
+    return out
 
 
 def cmd_validate(args) -> int:
@@ -478,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="show the expanded variants, their ids and step counts")
     s.add_argument("grid")
+    s.add_argument("--memory", action="store_true",
+                   help="also estimate each variant's peak memory on this machine's device (imports torch)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("validate", help="check a grid file and report every problem")
