@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 
 from harness.core.tracking import server_health
-from harness.ui import LOOPBACK, port_taken, remote_refused, stop_group  # the same checks and stop as `harness ui`
+from harness.ui import (  # the same checks and stop as `harness ui`
+    LOOPBACK,
+    port_taken,
+    raise_interrupt,
+    remote_refused,
+    stop_shielded,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -70,7 +76,7 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
           file=sys.stderr, flush=True)
     # The server is a tree (mlflow, uvicorn and its workers): a process group of its own, stopped as a whole.
     proc = subprocess.Popen(command(results, host, port, workers), env=env, start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         local = url if host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + ready_timeout
@@ -88,13 +94,5 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        stop_shielded(proc, old_term)
 

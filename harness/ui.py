@@ -239,7 +239,7 @@ def serve(results: Path, target: str | None, *, host: str = "127.0.0.1", port: i
     print(f"starting the MLflow UI on {base} ({shown_workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
     proc = subprocess.Popen(server_command(uri, results, host, port, workers),
                             env=server_env(job_runner), start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         answering = wait_until_answering(f"http://{shown_host}:{port}/health", proc, timeout=180)
         if proc.poll() is not None:
@@ -257,13 +257,19 @@ def serve(results: Path, target: str | None, *, host: str = "127.0.0.1", port: i
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop_shielded(proc, old_term)
 
 
-def _raise_interrupt(signum, frame):
+def stop_shielded(proc, old_term) -> None:
+    """Stop a server's process group with further Ctrl-C and SIGTERM ignored (a second Ctrl-C must not cut the
+    stop short), then put the handlers back (`ui` and `server` both end this way)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stop_group(proc)
+    signal.signal(signal.SIGTERM, old_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 

@@ -52,8 +52,8 @@ def test_a_data_file_edited_after_the_grid_was_loaded_is_never_recorded_under_th
     under an id whose data it did not train on (a rerun would then have skipped it as done)."""
     from mlflow.tracking import MlflowClient
 
-    from harness.run.session import run_grid
     from harness.grid import load_grid
+    from harness.run.session import run_grid
 
     shutil.copy(D.BUILTIN_DIR / "train.jsonl", tmp_path / "train.jsonl")
     path = grid_file(tmp_path, "edited")

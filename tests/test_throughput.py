@@ -18,8 +18,8 @@ from experiments import data as D
 from experiments import evaluate as E
 from experiments import models as M
 from experiments import refcache
-from harness.run import spawn
 from harness.cli import main
+from harness.run import spawn
 
 GRID = """
 name: sweep

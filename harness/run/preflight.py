@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments import device as dev
 from experiments import data as D
+from experiments import device as dev
 from experiments import models as M
 from harness.core.variant import Variant
 from harness.grid import Grid

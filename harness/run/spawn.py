@@ -19,8 +19,8 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Protocol
 
 from harness.run.worker import PARENT_PID_ENV, THREADS_ENV  # noqa: F401 - the executor sets THREADS_ENV through here
