@@ -228,10 +228,12 @@ def describe_training(g: Group) -> str:
     steps = m.get("train/global_step")
     seeds = g.seeds
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    optimises = methods.get(method).optimises if method in methods.names() else ""
     return (f"{what} of {c.get('base_model')}; {_params(m.get('params/trainable_numel'))} of "
             f"{_params(m.get('params/total_numel'))} parameters trainable. {data.capitalize()} from "
             f"`{c.get('data.train')}`, {_n(c.get('train.epochs'))} epoch(s) = {_n(steps)} optimiser steps of batch "
-            f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}.")
+            f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}."
+            + (f" {optimises}" if optimises else ""))
 
 
 def _uses(g: Group, section: str) -> bool:
@@ -300,6 +302,11 @@ def describe_movement(g: Group, *, length_told: bool = False) -> list[str]:
                      f"pairs {fmt(m.get('train_pairs/implicit_reward_margin_mean'))}. TRL's own `rewards/margins` "
                      f"at the last step was {fmt(m.get('rewards/margins'))} (one training batch, as the trainer "
                      f"logs it).")
+    else:
+        record = methods.get(g.get("method")) if g.get("method") in methods.names() else None
+        if record is not None and record.trainer_margin and _present(m.get("rewards/margins")):
+            lines.append(f"TRL's own `rewards/margins` at the last step was {fmt(m.get('rewards/margins'))}: "
+                         f"{record.trainer_margin}; on its own scale, not comparable to another method's.")
     return lines
 
 
