@@ -5,6 +5,7 @@ HARNESS_CACHE_DIR is set, so CI materialises it once per run."""
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A suite started as a background job of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and an
+# ignored signal stays ignored across exec: every runner, UI and search the tests start and then interrupt would
+# shrug Ctrl-C off. Python's own handler here makes the children start with Ctrl-C's default, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
