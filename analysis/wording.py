@@ -98,10 +98,12 @@ def describe_training(g: Group) -> str:
     steps = m.get("train/global_step")
     seeds = g.seeds
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    optimises = methods.get(method).optimises if method in methods.names() else ""
     return (f"{what} of {c.get('base_model')}; {_params(m.get('params/trainable_numel'))} of "
             f"{_params(m.get('params/total_numel'))} parameters trainable. {data.capitalize()} from "
             f"`{c.get('data.train')}`, {_n(c.get('train.epochs'))} epoch(s) = {_n(steps)} optimiser steps of batch "
-            f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}.")
+            f"{_n(c.get('train.batch_size'))}, learning rate {_num(c.get('train.learning_rate'))}; {seed_text}."
+            + (f" {optimises}" if optimises else ""))
 
 
 def describe_movement(g: Group, *, length_told: bool = False) -> list[str]:
@@ -160,6 +162,11 @@ def describe_movement(g: Group, *, length_told: bool = False) -> list[str]:
                      f"pairs {fmt(m.get('train_pairs/implicit_reward_margin_mean'))}. TRL's own `rewards/margins` "
                      f"at the last step was {fmt(m.get('rewards/margins'))} (one training batch, as the trainer "
                      f"logs it).")
+    else:
+        record = methods.get(g.get("method")) if g.get("method") in methods.names() else None
+        if record is not None and record.trainer_margin and _present(m.get("rewards/margins")):
+            lines.append(f"TRL's own `rewards/margins` at the last step was {fmt(m.get('rewards/margins'))}: "
+                         f"{record.trainer_margin}; on its own scale, not comparable to another method's.")
     return lines
 
 
@@ -278,6 +285,7 @@ def caveats(groups: list[Group], comparisons: list[Comparison], axes: list[str])
         out.append(f"LoRA scope: trainable parameters per target set: {', '.join(scope)}. A wider scope changes "
                    f"capacity and, at one learning rate, the size of the update too; the weight change norm "
                    f"and KL columns show how far each actually moved.")
+    out += study_factor_caveats(groups, axes)
     confounded = [c for c in comparisons if len(c.differs) > 1]
     if confounded:
         fields = sorted({k for c in confounded for k in c.differs}, key=str)
@@ -287,6 +295,57 @@ def caveats(groups: list[Group], comparisons: list[Comparison], axes: list[str])
     out.append("KL is measured on the reference's greedy completions of a fixed set of neutral probe prompts: it "
                "says how far next-token distributions moved on ordinary prompts, not whether outputs got better "
                "or worse. Perplexity is on a fixed neutral text.")
+    return out
+
+
+def study_factor_caveats(groups: list[Group], axes: list[str]) -> list[str]:
+    """What a row across base models, label-noise levels, reference-free objectives, methods' own reward
+    margins, or shaped models can and cannot say (one line each, only where the grid has that kind of row)."""
+    out = []
+    bases = sorted({str(g.get("base_model")) for g in groups})
+    if len(bases) > 1:
+        templates = {str(g.get("base_model")): g.get("chat_template") for g in groups}
+        shown = ", ".join(f"{b} ({'its own chat template' if not _present(templates[b]) else f'chat_template: {templates[b]}'})"
+                          for b in bases)
+        out.append(f"Base-model comparison: {shown}. Each base is its own reference, with its own tokenizer and turn "
+                   f"format, so a row across bases compares two different starting points, not one setting. The "
+                   f"margin shift in nats is comparable across them (summed log-probs of the same strings); per-token "
+                   f"figures and the length split are not (another tokenizer cuts the same text into other tokens), "
+                   f"so read those within one base only.")
+    random_bases = [b for b in bases if b.startswith("random:")]
+    if random_bases:
+        out.append(f"{', '.join(random_bases)}: randomly initialised shapes, for memory and throughput: their margin "
+                   f"shifts and drift mean nothing about preferences.")
+    noise = sorted({float(g.get("data.label_noise")) for g in groups if _present(g.get("data.label_noise"))})
+    if len(noise) > 1 or any(noise):
+        rows = []
+        for level in noise:
+            at = [g for g in groups if _present(g.get("data.label_noise")) and float(g.get("data.label_noise")) == level]
+            flipped = {_n(g.metrics.get("data/flipped")) for g in at}
+            rows.append(f"{level:g} ({'/'.join(sorted(flipped))} pairs flipped): "
+                        + ", ".join(f"{g.label} {fmt(g.est.mean)}" for g in at))
+        out.append("Preference consistency: chosen and rejected were swapped on a seeded, nested fraction of the "
+                   "training pairs (never the held-out pairs), so a noisier row trained partly against the preference "
+                   "it is measured on. Held-out shift by noise level: " + "; ".join(rows) + ". With one seed and "
+                   "a handful of flipped pairs, a difference between levels is within the intervals above unless they "
+                   "say otherwise.")
+    recs = {g.get("method"): methods.get(g.get("method")) for g in groups if g.get("method") in methods.names()}
+    free = sorted(n for n, r in recs.items() if r.reference_free and r.data_kind == "preference")
+    if free:
+        out.append(f"{', '.join(free)} never saw a reference while training (reference-free objectives): their shift "
+                   f"and drift are still measured against the starting model (the adapter disabled), which for them is "
+                   f"only where training began, not a model the objective kept them near.")
+    margins = sorted((n, r.trainer_margin) for n, r in recs.items() if r.trainer_margin)
+    if len(margins) > 1:
+        out.append("TRL's own `rewards/margins` means a different quantity per method ("
+                   + "; ".join(f"{n}: {m}" for n, m in margins) + "); its scales differ, so it is never compared "
+                   "across methods here: the held-out margin shift in nats is the common currency.")
+    examples = [g for g in groups if recs.get(g.get("method")) is not None and recs[g.get("method")].unit == "example"
+                and recs[g.get("method")].rows_per_pair > 1 and _present(g.metrics.get("data/examples"))]
+    for g in examples:
+        out.append(f"{g.label} trains on examples, not pairs: each pair became one desirable and one undesirable "
+                   f"example ({_n(g.metrics.get('data/examples'))} examples), so its batch size and steps count "
+                   f"examples.")
     return out
 
 

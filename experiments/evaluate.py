@@ -252,7 +252,7 @@ def pair_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> list[t
     whole sequence. A token costs more in the continuation than in a whole sequence (every padded completion
     position goes through the vocabulary projection, and the attention reads the cache through an explicit
     mask): on the 2-core CPU the built-in pairs, 11% fewer tokens shared, took 17.0 s against 14.8 s whole, and
-    the same pairs behind a ~290-token context, 37% fewer, 31.3 s against 48.4 s (`harness.bench_scoring`)."""
+    the same pairs behind a ~290-token context, 37% fewer, 31.3 s against 48.4 s (`harness.bench.scoring`)."""
     if pairs and _keeps_logits(model) and not getattr(model.config, "is_encoder_decoder", False):
         plan = planned_tokens(pairs, batch_size)
         if plan["shared"] < SHARE_BELOW * plan["whole"]:

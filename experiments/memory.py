@@ -133,3 +133,44 @@ def measured_peak(device: str) -> float:
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+
+
+def capacity(device: str) -> float:
+    """What the device holds, in bytes: a GPU's total memory, or this machine's physical memory on a CPU
+    (the total, not what happens to be free now, so the same grid is judged the same way each time)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.mem_get_info()[1])
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def resolved(spec, device: str) -> tuple[str, str]:
+    """(precision, base dtype) this variant will use on `device`, as the worker resolves them."""
+    from experiments import device as dev
+
+    precision = dev.resolve_precision(spec.train.precision, device)
+    return precision, dev.resolve_base_dtype(spec.train.base_dtype, device, precision,
+                                             spec.method_record.uses_lora)
+
+
+def refusal(spec, est: Estimate, limit: float, device: str) -> str | None:
+    """Why the variant cannot fit (naming what would make it fit), or None."""
+    if est.peak <= limit:
+        return None
+    options = []
+    if spec.method_record.uses_lora and est.parts["weights"] and spec.train.base_dtype != "bf16":
+        options.append(f"train.base_dtype: bf16 (with precision: bf16) halves the weights' "
+                       f"{est.gb('weights'):.1f} GB")
+    if not spec.train.gradient_checkpointing and est.parts["activations"]:
+        options.append(f"train.gradient_checkpointing: true (activations {est.gb('activations'):.1f} GB)")
+    if spec.train.batch_size > 1:
+        options.append(f"a smaller train.batch_size (now {spec.train.batch_size}) with train.grad_accum")
+    options.append(f"a smaller data.max_length (now {spec.data.max_length}; logits "
+                   f"{est.gb('logits'):.1f} GB, measurement {est.gb('measurement'):.1f} GB)")
+    if spec.method_record.uses_lora and spec.lora.targets not in ("qv",):
+        options.append("fewer lora.targets")
+    return (f"needs about {est.gb():.1f} GB at its peak ({est.line()}) and the {device} holds "
+            f"{limit / GB:.1f} GB; to fit: " + "; ".join(options))

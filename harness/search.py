@@ -48,7 +48,7 @@ from harness.core import runs as R
 from harness.core.schema import deep_merge, field_names, unflatten
 from harness.core.tracking import MlflowTracker, redact
 from harness.core.variant import Variant, run_name
-from harness.executor import Active, Outcome, Session
+from harness.run.session import Active, Outcome, Session
 
 DISTRIBUTIONS = ("log", "float", "int", "choice")
 SAMPLERS = ("tpe", "nsga2", "random")

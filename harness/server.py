@@ -18,35 +18,19 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
-from harness.ui import LOOPBACK, port_taken, remote_refused, stop_group  # the same checks and stop as `harness ui`
+from harness.core.tracking import server_health
+from harness.ui import (  # the same checks and stop as `harness ui`
+    LOOPBACK,
+    port_taken,
+    raise_interrupt,
+    remote_refused,
+    stop_shielded,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-def health(uri: str, timeout: float = 5.0) -> str | None:
-    """None if an MLflow server answers at `uri` (any HTTP answer), else why not. Credentials in the URL are
-    not sent; MLflow's client would retry an unreachable server for minutes before saying so."""
-    parsed = urlparse(uri)
-    netloc = parsed.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    url = urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/") + "/health", "", "", ""))
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return None
-    except urllib.error.HTTPError:
-        return None  # it answered: a server is there (auth or an older MLflow without /health)
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return str(getattr(reason, "strerror", None) or reason)
 
 
 def command(results: Path, host: str, port: int, workers: int) -> list[str]:
@@ -92,11 +76,11 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
           file=sys.stderr, flush=True)
     # The server is a tree (mlflow, uvicorn and its workers): a process group of its own, stopped as a whole.
     proc = subprocess.Popen(command(results, host, port, workers), env=env, start_new_session=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         local = url if host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + ready_timeout
-        while health(local, timeout=2.0) is not None:
+        while server_health(local, timeout=2.0) is not None:
             if proc.poll() is not None:
                 return proc.returncode or 1
             if time.monotonic() > deadline:
@@ -110,13 +94,5 @@ def serve(results: Path, *, host: str = "127.0.0.1", port: int = 5000, workers: 
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_group(proc)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        stop_shielded(proc, old_term)
 

@@ -2,8 +2,11 @@
 
 Layers, bottom to top: `harness.core` (schema, methods, variants, tracking, run queries, metrics) <-
 `experiments` (what one variant does) <- `analysis` (reading logged results) <- the rest of `harness`
-(CLI, grid loading, executor, worker, pre-flight). A module may import its own layer or lower ones, never a
-higher one, and an import inside a function counts too.
+(the commands, grid loading, the run engine `harness.run`, the benchmarks `harness.bench`). A module may
+import its own layer or lower ones, never a higher one, and an import inside a function counts too.
+
+Within the top layer: the run engine imports none of the commands (it is what they call), and nothing of the
+product imports the benchmarks (they are not product code).
 """
 
 from __future__ import annotations
@@ -71,6 +74,47 @@ def test_imports_run_one_way():
     assert len(modules) > 20 and any(m == "harness.core.schema" for m, _ in modules)
     offenders = [line for name, path in modules for line in upward_imports(path.read_text(), name)]
     assert not offenders, "imports that run back up:\n" + "\n".join(offenders)
+
+
+COMMANDS = ("harness.cli", "harness.search", "harness.ui", "harness.server")
+ENGINE, BENCHMARKS = "harness.run", "harness.bench"
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def forbidden_imports(source: str, module: str) -> list[str]:
+    """Imports that break a rule within the top layer: the engine reaching a command, the product a benchmark."""
+    bad = []
+    for line, target in imported_modules(ast.parse(source), module):
+        if _within(module, ENGINE) and any(_within(target, c) for c in COMMANDS):
+            bad.append(f"{module}:{line} imports {target} (the run engine imports no command)")
+        if not _within(module, BENCHMARKS) and _within(target, BENCHMARKS):
+            bad.append(f"{module}:{line} imports {target} (benchmarks are not product code)")
+    return sorted(set(bad))
+
+
+def test_the_engine_imports_no_command_and_nothing_imports_the_benchmarks():
+    modules = project_modules()
+    assert any(_within(m, ENGINE) for m, _ in modules) and any(_within(m, BENCHMARKS) for m, _ in modules)
+    offenders = [line for name, path in modules for line in forbidden_imports(path.read_text(), name)]
+    assert not offenders, "imports across the top layer's rooms:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("module, source, expected", [
+    ("harness.run.session", "def f():\n    from harness import ui\n", "imports harness.ui"),
+    ("harness.run.ray.driver", "from harness.server import health\n", "imports harness.server.health"),
+    ("harness.grid", "from harness.bench.throughput import machine\n", "imports harness.bench.throughput"),
+    ("harness.cli", "from harness.run.session import run_grid\n", None),  # a command calls the engine
+    ("harness.bench.scoring", "from harness.bench.throughput import machine\n", None),  # a benchmark, its own room
+])
+def test_the_room_rules_can_fail(module, source, expected):
+    found = forbidden_imports(source, module)
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and expected in found[0]
 
 
 @pytest.mark.parametrize("module, source, expected", [

@@ -46,7 +46,7 @@ variants:
 """
 
 # Timings and cache bookkeeping differ between any two runs; everything else must agree.
-NOT_COMPARED = ("seconds", "runtime", "per_second", "cache/")
+NOT_COMPARED = ("seconds", "runtime", "per_second", "cache/", "memory/peak_gb")  # measured per process
 
 
 # A stage and its DPO child: the stage's trained model travels back here and on to the child's node.

@@ -111,7 +111,7 @@ def test_evaluate_output_stays_inside_results_whatever_the_run_name(tmp_path, mo
 
 def test_jobs_below_one_is_refused_before_anything_runs(tmp_path, capsys):
     """`--jobs -1` used to print "1 to run" and wait forever for a free slot."""
-    from harness.executor import Session
+    from harness.run.session import Session
 
     grid = make_grid(tmp_path, "jobs", "- {method: lora_sft}\n")
     for jobs in ("-1", "0"):

@@ -52,8 +52,8 @@ def test_a_data_file_edited_after_the_grid_was_loaded_is_never_recorded_under_th
     under an id whose data it did not train on (a rerun would then have skipped it as done)."""
     from mlflow.tracking import MlflowClient
 
-    from harness.executor import run_grid
     from harness.grid import load_grid
+    from harness.run.session import run_grid
 
     shutil.copy(D.BUILTIN_DIR / "train.jsonl", tmp_path / "train.jsonl")
     path = grid_file(tmp_path, "edited")
@@ -228,3 +228,81 @@ def test_the_reference_cache_deletes_least_recently_used_entries_beyond_its_cap(
     assert refcache.prune(tmp_path, limit=0, keep=keys[3]) == [keys[1], keys[0]]  # oldest first, `keep` kept
     monkeypatch.setenv(refcache.SIZE_ENV, "not a number")
     assert refcache.limit_bytes() == int(refcache.DEFAULT_GB * 1e9)
+
+
+# 7 ------------------------------------------------------------------------------------------------
+
+
+def _search_file(folder: Path) -> Path:
+    path = folder / "s.yaml"
+    path.write_text(TINY.format(name="srch") + textwrap.dedent("""
+        search:
+          space: {dpo.beta: {log: [0.05, 0.5]}}
+          objectives: [{metric: eval/margin_shift_mean}]
+          trials: 1
+        """))
+    return path
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--storage", "notaurl://x"], "--storage notaurl://x: cannot open it"),
+    (["--storage", "sqlite:////nonexistent/dir/x.db"], "--storage sqlite:////nonexistent/dir/x.db: cannot open it"),
+    (["--storage", "postgresql://u:hunter2@127.0.0.1:1/db"], "--storage postgresql://u:***@127.0.0.1:1/db: cannot"),
+])
+def test_search_arguments_are_refused_in_one_line_before_anything_runs(tmp_path, capsys, flags, said):
+    results = tmp_path / "results"
+    err = refused(capsys, "search", str(_search_file(tmp_path)), "--results", str(results), *flags)
+    assert said in err and "hunter2" not in err
+    assert not list(results.glob("**/*.journal")) and not (results / "runs").exists()
+
+
+def test_a_negative_search_timeout_is_a_usage_error(tmp_path, capsys):
+    """`--timeout -5` was accepted and left a FINISHED parent run with nothing in it."""
+    results = tmp_path / "results"
+    err = _usage_error(capsys, "search", str(_search_file(tmp_path)), "--results", str(results), "--timeout", "-5")
+    assert "--timeout: expected a positive number of seconds, got '-5'" in err and not results.exists()
+
+
+def test_a_journal_that_is_not_one_is_named_not_a_traceback(tmp_path, capsys):
+    results = tmp_path / "results"
+    (results / "search").mkdir(parents=True)
+    (results / "search" / "srch.journal").write_text("garbage\n{not json\n")
+    err = refused(capsys, "search", str(_search_file(tmp_path)), "--results", str(results))
+    assert "srch.journal: not an Optuna journal" in err and "move the file away" in err
+
+
+# 8 ------------------------------------------------------------------------------------------------
+
+
+def test_reading_commands_say_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    assert "--port: expected a port from 1 to 65535, got '70000'" in _usage_error(capsys, "ui", "--port", "70000")
+    assert "expected a port from 1 to 65535, got '0'" in _usage_error(capsys, "ui", "--port", "0")
+    assert "--max-length: expected a positive number of tokens" in _usage_error(
+        capsys, "evaluate", "tiny-random-llama", "--max-length", "0")
+    (tmp_path / "dir").mkdir()
+    err = refused(capsys, "evaluate", "tiny-random-llama", "--out", str(tmp_path / "dir"))
+    assert "--out: " in err and "is a directory" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    started = time.monotonic()
+    err = refused(capsys, "report", "anything", "--results", str(tmp_path / "results"))
+    assert time.monotonic() - started < 30 and "cannot reach the MLflow tracking server" in err
+
+
+def test_report_on_a_read_only_results_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import analysis.report
+
+    def read_only(target, results):
+        raise PermissionError(13, "Permission denied", str(results / target))
+
+    monkeypatch.setattr(analysis.report, "write_report", read_only)
+    err = refused(capsys, "report", "g", "--results", str(tmp_path))
+    assert "report: cannot write the report: Permission denied" in err
+
+
+def _usage_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

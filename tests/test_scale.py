@@ -111,3 +111,23 @@ def test_a_lora_variant_trains_on_a_bf16_base_on_cpu_and_says_so(tmp_path, capsy
     sft.write_text(grid.read_text().replace("name: bf16", "name: sft").replace("method: dpo_lora", "method: sft"))
     assert main(["validate", str(sft)]) == 2
     assert "train.base_dtype: bf16 stores a frozen base, and sft trains the base itself" in capsys.readouterr().err
+
+
+def test_an_8b_shape_is_planned_and_refused_on_this_machine_with_what_would_fit(tmp_path, capsys):
+    """Nothing is allocated to plan it; `validate --deep` (and so `run`) refuses it before anything trains."""
+    grid = tmp_path / "big.yaml"
+    grid.write_text("name: big\ndefaults:\n  base_model: random:llama-3.1-8b\n  method: dpo_lora\n"
+                    "  data: {size: 4, max_length: 1024}\n  train: {batch_size: 2}\n"
+                    "variants:\n  - {name: small, base_model: random:llama-mini, data: {max_length: 128}}\n"
+                    "  - {name: big}\n")
+    assert main(["plan", str(grid), "--memory"]) == 0
+    out = capsys.readouterr()
+    big = next(line for line in out.out.splitlines() if "big·" in line)
+    assert " GB > " in big and "memory: estimated peaks on this machine's cpu" in out.err
+    assert main(["validate", "--deep", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "variants[1]: memory: needs about" in err and "train.base_dtype: bf16" in err
+    assert "gradient_checkpointing: true" in err and "variants[0]" not in err
+    results = tmp_path / "results"
+    assert main(["run", str(grid), "--results", str(results)]) == 2  # nothing trained, not even the small one
+    assert not list(results.glob("runs/*/result.json"))

@@ -114,6 +114,30 @@ def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
+def server_health(uri: str, timeout: float = 5.0) -> str | None:
+    """None if an MLflow server answers at `uri` (any HTTP answer), else why not. Credentials in the URL are
+    not sent; MLflow's client would retry an unreachable server for minutes before saying so."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parsed = urllib.parse.urlparse(uri)
+    netloc = parsed.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    url = urllib.parse.urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/") + "/health", "", "", ""))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: a server is there (auth or an older MLflow without /health)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return str(getattr(reason, "strerror", None) or reason)
+
+
 def is_disk_full(e: BaseException) -> bool:
     """ENOSPC, however it arrives: an OSError from a file write, or sqlite's "database or disk is full"
     wrapped by SQLAlchemy and MLflow."""

@@ -1,6 +1,6 @@
 """Benchmark: scoring preference pairs with the prompt computed once for both sides, against each side whole.
 
-    python -m harness.bench_scoring [--model smollm2-135m-instruct] [--repeats 3]
+    python -m harness.bench.scoring [--model smollm2-135m-instruct] [--repeats 3]
                                     [--out results/benchmarks/scoring.json]
 
 "Whole" scores chosen and rejected as two full sequences, the prompt in each (what TRL's DPOTrainer does in its
@@ -44,7 +44,7 @@ def _tokens(model, fn) -> tuple[object, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.bench_scoring", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.bench.scoring", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (eval.batch_size)")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import device as dev
     from experiments import evaluate as E
     from experiments import models as M
-    from harness.bench import machine
+    from harness.bench.throughput import machine
 
     tok = M.load_padded_tokenizer(args.model, Path.cwd())
     model = M.load_model(args.model, base_dir=Path.cwd(), vocab_size=len(tok)).to(dev.pick_device())
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     context = " ".join(E.neutral_paragraphs())[:1200]
     sets = {"built-in held-out pairs": rows,
             "the same pairs behind a ~1,200-character context": _long_prompts(rows, context)}
-    report = {"command": "python -m harness.bench_scoring " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": "python -m harness.bench.scoring " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "model": args.model,
               "dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "sets": {}}
     pad = tok.pad_token_id

@@ -1,6 +1,6 @@
 """Benchmark: what tracking one training step's metrics costs on the default sqlite store.
 
-    python -m harness.bench_logging [--steps 50] [--metrics 12] [--out results/benchmarks/logging.json]
+    python -m harness.bench.tracking [--steps 50] [--metrics 12] [--out results/benchmarks/logging.json]
 
 Compares one `log_metric` call per metric (what a naive callback does) with the single batched
 `log_batch` call per step that `harness.core.tracking.MlflowTracker.log_metrics` makes. Prints and writes
@@ -30,7 +30,7 @@ def _measure(fn, steps: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.bench.tracking", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--metrics", type=int, default=12, help="metrics per step (TRL's DPO logs about 12)")
     p.add_argument("--out", default="results/benchmarks/logging.json")

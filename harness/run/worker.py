@@ -1,8 +1,8 @@
-"""One variant in its own process (started by harness.spawn): `python -m harness.worker JOB.json`.
+"""One variant in its own process (started by harness.run.spawn): `python -m harness.run.worker JOB.json`.
 
 The job file names the variant, its method's registry record (so a method registered at run time, by a
 plugin or a test, trains here too), the MLflow run to log into and the output folder; from a Ray task
-(harness.ray_backend) also where to upload the run's artifacts through the tracking server and which attempt
+(harness.run.ray) also where to upload the run's artifacts through the tracking server and which attempt
 this is. Progress events go
 to stdout as `@@harness {json}` lines; everything else the libraries print goes to the log. Exit codes:
 0 finished, 1 failed (reason in error.json, traceback logged), 130 interrupted.

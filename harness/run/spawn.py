@@ -5,7 +5,7 @@ machine: more than training a small variant. So by default (`HARNESS_WORKER_STAR
 multiprocessing *forkserver* that imports them once — and does nothing else: no CUDA, no model, no data, no
 store — and every variant runs in a fresh fork of it. Each worker is still its own process with its own pid,
 session, environment, memory and exit code, started from the same pristine state, so a crash cannot leak into
-the next variant. `HARNESS_WORKER_START=exec` starts each worker as `python -m harness.worker JOB` instead (a
+the next variant. `HARNESS_WORKER_START=exec` starts each worker as `python -m harness.run.worker JOB` instead (a
 fresh interpreter, slower to start; for ruling the server out when debugging).
 
 Both kinds hand back an object with the part of `subprocess.Popen`'s interface the executor uses: `pid`,
@@ -19,17 +19,17 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Protocol
 
-from harness.worker import PARENT_PID_ENV, THREADS_ENV  # noqa: F401 - the executor sets THREADS_ENV through here
+from harness.run.worker import PARENT_PID_ENV, THREADS_ENV  # noqa: F401 - the executor sets THREADS_ENV through here
 
 START_ENV = "HARNESS_WORKER_START"
 MODES = ("fork", "exec")
 # What every worker imports before it can do anything; imported once, in the server. None of these touches
 # CUDA or reads the per-variant environment (tracking URI, visible devices) at import time.
-PRELOAD = ["torch", "transformers", "peft", "trl", "mlflow", "harness.worker", "experiments.common",
+PRELOAD = ["torch", "transformers", "peft", "trl", "mlflow", "harness.run.worker", "experiments.common",
            "experiments.evaluate"]
 
 
@@ -64,7 +64,7 @@ def start(job_path: Path, *, env: dict[str, str], log: IO, keep_fds: tuple[int, 
     if (how or mode()) == "exec":
         if die_with_parent:
             env = {**env, PARENT_PID_ENV: str(os.getpid())}
-        return subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path)], stdout=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "harness.run.worker", str(job_path)], stdout=subprocess.PIPE,
                                 stderr=log, env=env, text=True, bufsize=1, start_new_session=True,
                                 pass_fds=keep_fds, cwd=cwd)
     return _Forked(job_path, env, log, keep_fds, cwd, die_with_parent)
@@ -128,7 +128,7 @@ class _Forked:
                  cwd: Path | None = None, die_with_parent: bool = False):
         read, write = os.pipe()
         self._process = _server().Process(
-            target=_worker_main, name=f"harness.worker {Path(job_path).parent.name}", daemon=False,
+            target=_worker_main, name=f"harness.run.worker {Path(job_path).parent.name}", daemon=False,
             args=(str(job_path), env, _Fd(write), _Fd(log.fileno()), tuple(_Fd(fd) for fd in keep_fds),
                   str(cwd) if cwd else None, die_with_parent))
         try:
@@ -155,7 +155,7 @@ class _Forked:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self.poll() is None:
-            raise subprocess.TimeoutExpired("harness.worker", timeout)
+            raise subprocess.TimeoutExpired("harness.run.worker", timeout)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -171,7 +171,7 @@ class _Forked:
 
 def _worker_main(job_path: str, env: dict[str, str], stdout_fd: int, stderr_fd: int, keep_fds: tuple,
                  cwd: str | None = None, die_with_parent: bool = False) -> None:
-    """In the forked worker: become what `python -m harness.worker JOB` would have been, then run it."""
+    """In the forked worker: become what `python -m harness.run.worker JOB` would have been, then run it."""
     os.setsid()  # its own session: a Ctrl-C at the terminal reaches the executor, which stops workers itself
     if cwd:
         os.chdir(cwd)
@@ -186,7 +186,7 @@ def _worker_main(job_path: str, env: dict[str, str], stdout_fd: int, stderr_fd: 
     os.environ.clear()
     os.environ.update(env)
     del keep_fds  # held open (not closed) until the process exits: the claim lives as long as the worker
-    from harness import worker
+    from harness.run import worker
 
     rc = worker.main([job_path], start="fork")
     sys.stdout.flush()

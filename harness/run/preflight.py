@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments import device as dev
 from experiments import data as D
+from experiments import device as dev
 from experiments import models as M
 from harness.core.variant import Variant
 from harness.grid import Grid
@@ -87,6 +87,10 @@ def check_variants(path, variants: list[Variant], device: str | None) -> list[st
             problem = _probe_fits(spec.eval.probe_length, model, tok, name)
             if problem:
                 errors.append(f"{where}: eval.probe_length: {problem}")
+        if device is not None:
+            problem = _fits(spec, model, device)
+            if problem:
+                errors.append(f"{where}: memory: {problem}")
         if tok is not None and tok.pad_token is None and tok.eos_token is None:
             errors.append(f"{where}: base_model: {name}'s tokenizer has neither a pad nor an eos token")
     return list(dict.fromkeys(errors))
@@ -146,3 +150,15 @@ def _with_template(tok, template: str):
     tok = copy.copy(tok)
     tok.chat_template = template
     return tok
+
+
+def _fits(spec, model, device: str) -> str | None:
+    """The memory model's estimate (at data.max_length: an upper bound) against what the device holds."""
+    from experiments import memory
+
+    try:
+        precision, base_dtype = memory.resolved(spec, device)
+        est = memory.estimate(spec, model, device=device, precision=precision, base_dtype=base_dtype)
+    except Exception:  # noqa: BLE001 - other checks report a model or setting that cannot be resolved
+        return None
+    return memory.refusal(spec, est, memory.capacity(device), device)
