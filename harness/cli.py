@@ -322,7 +322,8 @@ def _unwritable(results: Path) -> str | None:
 
 def cmd_search(args) -> int:
     from harness.grid import GridError
-    from harness.search import Search, SearchError, export_grid, load_search
+    from harness.search import Search, SearchError, export_grid
+    from harness.searchfile import load_search
 
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         print("search: --workers and --trials take a positive integer", file=sys.stderr)
@@ -505,9 +506,8 @@ def cmd_cache_model(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.core.runs import DiskFullError, StoreError
-
     from harness.arguments import build_parser
+    from harness.core.runs import DiskFullError, StoreError
 
     commands = {name.removeprefix("cmd_"): fn for name, fn in globals().items() if name.startswith("cmd_")}
     args = build_parser(commands, __doc__, LARGE_GRID).parse_args(argv)

@@ -1,4 +1,4 @@
-"""Grid files: safe YAML loading, expansion into variants, validation with every error at once.
+"""Grid files: expansion into variants, validation with every error at once.
 
 A grid file looks like this (only what differs from `harness.core.schema` defaults):
 
@@ -22,7 +22,7 @@ chosen by `data.shuffle_seed`, which they share. They have one group id (`Varian
 
 Loading is a pipeline of named steps, each a function you can call and test on its own:
 
-    read(path) -> RawGrid                      YAML, top-level shape
+    read(path) -> RawGrid                      YAML (`harness.gridfile`), top-level shape
     expand(raw, errors) -> [Candidate]         defaults × variants × axes, exclusion, schema validation
     check(raw, candidates, errors) -> paths    models, presets, layers, stages, data files
     identify(raw, candidates, paths) -> Grid   ids, run names, de-duplication, stages first
@@ -41,9 +41,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from experiments import data as D
@@ -61,90 +59,11 @@ from harness.core.schema import (
 )
 from harness.core.tracking import token_shaped
 from harness.core.variant import Variant, fmt_value, group_id, run_name, variant_id
+from harness.gridfile import GridError, load_yaml
 
 GRID_KEYS = ("name", "description", "defaults", "variants", "axes", "exclude", "seeds")
 MAX_SEEDS = 100  # replicates per variant; more is a typo (`seeds: 1000`), not a design
 MAX_VARIANTS = 10_000  # before exclusion; `run` asks for --yes above 100 already, this many is an axis too many
-
-
-class GridError(Exception):
-    """One or more problems with a grid file; `errors` holds one line per problem."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
-
-
-# ---------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            line = key_node.start_mark.line + 1
-            first = seen[key].start_mark.line + 1
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {line}; first defined on line {first})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-MAX_GRID_BYTES = 1_000_000  # a grid is a page of YAML; anything near this is a mistake or an attack
-MAX_GRID_VALUES = 100_000  # values after YAML aliases are expanded (an "alias bomb" nests them exponentially)
-
-
-def _expanded_size(value: Any, limit: int) -> int:
-    """Number of values in `value` with aliases counted every time they are used, stopping past `limit`
-    (PyYAML shares aliased objects, so a 1 kB file can stand for billions of values)."""
-    count, stack = 0, [value]
-    while stack and count <= limit:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return count
-
-
-def load_yaml(path: Path) -> Any:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise GridError([f"{path}: cannot read: {e.strerror}"]) from None
-    if size > MAX_GRID_BYTES:
-        raise GridError([f"{path}: {size} bytes; a grid file is at most {MAX_GRID_BYTES} bytes"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GridError([f"{path}: cannot read: {e.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise GridError([f"{path}: {D.not_utf8(path.read_bytes())}; a grid file must be saved as UTF-8"]) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise GridError([f"{path}: invalid YAML: {e}"]) from None
-    if _expanded_size(data, MAX_GRID_VALUES) > MAX_GRID_VALUES:
-        raise GridError([f"{path}: expands to more than {MAX_GRID_VALUES} values once its YAML aliases (*name) "
-                         f"are followed; a grid needs far fewer (nested aliases multiply)"])
-    return data
 
 
 # ---------------------------------------------------------------- the pipeline's values

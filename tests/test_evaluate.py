@@ -11,6 +11,7 @@ from analysis import stats
 from experiments import data as D
 from experiments import evaluate as E
 from experiments import models as M
+from experiments import scoring as S
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def test_margin_equals_independent_computation(tiny, max_length):
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:6]
     pairs, dropped = E.encode_pairs(tok, rows, list(range(6)), "eval", max_length)
     assert dropped == 0 and len(pairs) == 6
-    with E.inference(model):
-        got = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)  # batched, padded, sorted by length
+    with S.inference(model):
+        got = S.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)  # batched, padded, sorted by length
     for (c, r), row in zip(got, rows, strict=True):
         want_c = independent_logp(model, tok, row["prompt"], row["chosen"], max_length)
         want_r = independent_logp(model, tok, row["prompt"], row["rejected"], max_length)
@@ -68,20 +69,20 @@ def test_prompt_shared_between_the_two_sides_scores_as_whole_sequences_with_fewe
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
     try:
-        with E.inference(model):
-            shared = E.shared_prompt_logps(model, pairs, tok.pad_token_id, batch_size)
+        with S.inference(model):
+            shared = S.shared_prompt_logps(model, pairs, tok.pad_token_id, batch_size)
             shared_tokens = sum(seen)
             seen.clear()
-            whole = E.separate_logps(model, pairs, tok.pad_token_id, batch_size)
+            whole = S.separate_logps(model, pairs, tok.pad_token_id, batch_size)
             whole_tokens = sum(seen)
             seen.clear()
-            chosen = E.pair_logps(model, pairs, tok.pad_token_id, batch_size)
+            chosen = S.pair_logps(model, pairs, tok.pad_token_id, batch_size)
     finally:
         hook.remove()
     assert shared is not None and len(shared) == len(pairs)
-    plan = E.planned_tokens(pairs, batch_size)
+    plan = S.planned_tokens(pairs, batch_size)
     assert plan == {"whole": whole_tokens, "shared": shared_tokens}  # the plan counts what runs
-    assert shared_tokens < E.SHARE_BELOW * whole_tokens  # with these prompts, sharing them is cheaper ...
+    assert shared_tokens < S.SHARE_BELOW * whole_tokens  # with these prompts, sharing them is cheaper ...
     assert chosen == shared  # ... and pair_logps takes it
     for (c, r), (c0, r0) in zip(shared, whole, strict=True):  # sums of ~10^2-10^3 nats in float32
         assert c == pytest.approx(c0, rel=1e-6, abs=1e-5) and r == pytest.approx(r0, rel=1e-6, abs=1e-5)
@@ -98,10 +99,10 @@ def test_short_prompts_are_scored_as_whole_sequences(tiny):
     model, tok = tiny
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:8]
     pairs, _ = E.encode_pairs(tok, rows, list(range(8)), "eval", 1024)
-    plan = E.planned_tokens(pairs, 8)
-    assert plan["shared"] >= E.SHARE_BELOW * plan["whole"]
-    with E.inference(model):
-        assert E.pair_logps(model, pairs, tok.pad_token_id, 8) == E.separate_logps(model, pairs, tok.pad_token_id, 8)
+    plan = S.planned_tokens(pairs, 8)
+    assert plan["shared"] >= S.SHARE_BELOW * plan["whole"]
+    with S.inference(model):
+        assert S.pair_logps(model, pairs, tok.pad_token_id, 8) == S.separate_logps(model, pairs, tok.pad_token_id, 8)
 
 
 def test_fully_truncated_pairs_are_dropped_like_trl(tiny):
@@ -226,8 +227,8 @@ def test_measurement_computes_in_fp32_through_a_trainers_autocast_wrapper():
     model = M.load_model(M.TINY, vocab_size=len(tok))
     rows = D.read_rows(D.BUILTIN_DIR / "eval.jsonl")[:6]
     pairs, _ = E.encode_pairs(tok, rows, list(range(6)), "eval", 1024)
-    with E.inference(model):
-        fp32 = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+    with S.inference(model):
+        fp32 = S.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a trainer in an earlier test fixed it to fp32
@@ -238,12 +239,12 @@ def test_measurement_computes_in_fp32_through_a_trainers_autocast_wrapper():
     wrapper = model.__dict__.get("forward")
     assert wrapper is not None and "_original_forward" in model.__dict__  # what a bf16 Trainer leaves behind
     with torch.no_grad():
-        through_wrapper = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+        through_wrapper = S.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
     # the wrapper does change the numbers: without the fix the measurement would read bf16 noise
     assert max(abs(a - b) for x, y in zip(fp32, through_wrapper, strict=True) for a, b in zip(x, y)) > 1e-3
     model.train()
-    with E.inference(model):
+    with S.inference(model):
         assert not model.training
-        again = E.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
+        again = S.pair_logps(model, pairs, tok.pad_token_id, batch_size=4)
     assert again == fp32  # bit for bit: the same fp32 computation
     assert model.__dict__["forward"] is wrapper and model.training  # training continues as it was

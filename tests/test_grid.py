@@ -27,7 +27,7 @@ def test_shipped_configs_validate():
     assert configs, "no shipped configs found"
     for path in configs:
         if "search" in yaml.safe_load(path.read_text()):  # a search file: a one-variant grid + search:
-            from harness.search import load_search
+            from harness.searchfile import load_search
 
             assert load_search(path).space, path
             continue

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from harness import search as S
 from harness.cli import main
 from harness.core import runs as R
+from harness.searchfile import load_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,7 +212,7 @@ def test_pareto_front_under_a_constraint(tmp_path):
     assert main(["search", str(path), "--results", str(results), "--export", str(tmp_path / "front.yaml")]) == 0
     study = study_of(results, "pareto")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    best = S.best_trials(study, S.load_search(path))
+    best = S.best_trials(study, load_search(path))
     assert 1 <= len(best) <= 2 and all(t.user_attrs["constraint_value"] < 1e6 for t in best)
     assert len(yaml.safe_load((tmp_path / "front.yaml").read_text())["variants"]) == len(best)
 

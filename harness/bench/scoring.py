@@ -4,7 +4,7 @@
                                     [--out results/benchmarks/scoring.json]
 
 "Whole" scores chosen and rejected as two full sequences, the prompt in each (what TRL's DPOTrainer does in its
-concatenated forward, and what the measurement did before); "shared" (`experiments.evaluate.shared_prompt_logps`,
+concatenated forward, and what the measurement did before); "shared" (`experiments.scoring.shared_prompt_logps`,
 what the measurement does now) runs the prompt once and continues both sides from its key/value cache. Two sets
 of pairs: the built-in held-out pairs (short prompts) and the same pairs behind a ~1,200-character context
 (long prompts, as in retrieval-style data). Reports the best of `--repeats` wall times of each, the tokens each
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import device as dev
     from experiments import evaluate as E
     from experiments import models as M
+    from experiments import scoring as S
     from harness.bench.throughput import machine
 
     tok = M.load_padded_tokenizer(args.model, Path.cwd())
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "model": args.model,
               "dtype": str(next(model.parameters()).dtype), "batch_size": args.batch_size, "sets": {}}
     pad = tok.pad_token_id
-    with E.inference(model):
+    with S.inference(model):
         for name, data in sets.items():
             pairs, _ = E.encode_pairs(tok, data, list(range(len(data))), "eval", 1024)
-            ways = {"whole": E.separate_logps, "shared": E.shared_prompt_logps}
+            ways = {"whole": S.separate_logps, "shared": S.shared_prompt_logps}
             result: dict = {"pairs": len(pairs),
                             "mean_prompt_tokens": sum(len(x.prompt_ids) for x in pairs) / len(pairs),
                             "mean_completion_tokens": sum(len(x.chosen_ids) + len(x.rejected_ids)
