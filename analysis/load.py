@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +46,7 @@ class Study:
     metrics: pd.DataFrame  # index run_id, one column per metric (latest value)
     pairs: pd.DataFrame  # per-pair rows of every run, with run_id
     history: pd.DataFrame  # run_id, key, step, value
+    stopped: list[dict] = field(default_factory=list)  # runs a race (or a pruner) stopped early: name, id, why
 
 
 def _summary_run_ids(client, parent_id: str) -> set[str]:
@@ -134,7 +135,22 @@ def load_study(target: str, results_dir: Path) -> Study:
     pairs_df = pd.concat(pair_frames, ignore_index=True) if pair_frames else pd.DataFrame(columns=["run_id"])
     hist_df = pd.DataFrame(hist, columns=["run_id", "key", "step", "value"])
     return Study(grid=grid, uri=uri, experiment_id=exp, parent_run_id=parent, runs=runs_df, metrics=metrics_df,
-                 pairs=pairs_df, history=hist_df)
+                 pairs=pairs_df, history=hist_df, stopped=stopped_runs(client, exp, parent, set(runs_df["variant_id"])))
+
+
+def stopped_runs(client, experiment_id: str, parent_run_id: str | None, finished: set[str]) -> list[dict]:
+    """The variant runs of the report's grid run that were stopped early on purpose (KILLED with
+    `harness.stopped`: `run --race` left them behind) and have no FINISHED run: what the report lists instead
+    of pretending they finished."""
+    if parent_run_id is None:
+        return []
+    out = []
+    for r in sorted(R.children_of(client, experiment_id, parent_run_id), key=lambda r: r.info.start_time):
+        why = r.data.tags.get(R.TAG_STOPPED)
+        if r.info.status == "KILLED" and why and r.data.tags.get(R.TAG_VARIANT) not in finished:
+            out.append({"run_id": r.info.run_id, "run_name": r.data.tags.get(R.RUN_NAME_TAG, r.info.run_id),
+                        "variant_id": r.data.tags.get(R.TAG_VARIANT), "why": why})
+    return out
 
 
 def grid_file_text(client, parent_run_id: str | None) -> str | None:

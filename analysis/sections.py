@@ -83,6 +83,19 @@ def variants_section(c: Computed) -> list[str]:
     return lines
 
 
+def stopped_section(c: Computed) -> list[str]:
+    """The variants stopped early by `run --race`: their last interval and why, not a final result."""
+    if not c.study.stopped:
+        return []
+    rows = [[r["run_name"], f"`{r['run_id']}`", r["why"]] for r in c.study.stopped]
+    return ["## Stopped early", "",
+            f"{_plural(len(rows), 'variant')} of this grid ran under `--race` and {'was' if len(rows) == 1 else 'were'} "
+            "stopped before the end of training, so {} no final measurement and {} not in the tables above; each "
+            "is listed with the last held-out interval the race compared (see docs/grid.md for the rule)."
+            .format("it has" if len(rows) == 1 else "they have", "is" if len(rows) == 1 else "are"), "",
+            *_table(["variant", "run id", "why it stopped"], rows), ""]
+
+
 def comparisons_section(c: Computed) -> list[str]:
     """Paired differences between variants, one subsection per set of fields that differ."""
     if c.comparisons:
@@ -344,5 +357,5 @@ def power_section(c: Computed) -> list[str]:
 FIGURES = (variant_figures, seed_figure, training_curves_figure, axis_curve_figures)
 
 # the report, in order
-SECTIONS = (header_section, summary_section, variants_section, seed_section, comparisons_section,
+SECTIONS = (header_section, summary_section, variants_section, stopped_section, seed_section, comparisons_section,
             multiplicity_section, power_section, steps_section, caveats_section, figures_section, runs_section)

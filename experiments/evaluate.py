@@ -320,17 +320,24 @@ def after(model, tokenizer, baseline: Baseline) -> tuple[list[dict], dict[str, f
     return rows, metrics
 
 
-def margin_shift_now(model, tokenizer, baseline: Baseline) -> float:
-    """Mean eval-split margin shift of the model as it is now (for intermediate evaluation)."""
+def margin_shifts_now(model, tokenizer, baseline: Baseline) -> list[float]:
+    """Each eval-split pair's margin shift under the model as it is now (for intermediate evaluation)."""
     with inference(model):
         now = pair_logps(model, baseline.pairs["eval"], tokenizer.pad_token_id, baseline.setup.batch_size)
-    return _mean((c1 - r1) - (c0 - r0) for (c0, r0), (c1, r1) in zip(baseline.logps["eval"], now, strict=True))
+    return [(c1 - r1) - (c0 - r0) for (c0, r0), (c1, r1) in zip(baseline.logps["eval"], now, strict=True)]
+
+
+def margin_shift_now(model, tokenizer, baseline: Baseline) -> float:
+    """Mean eval-split margin shift of the model as it is now."""
+    return _mean(margin_shifts_now(model, tokenizer, baseline))
 
 
 class IntermediateEval(TrainerCallback):
     """Every `every` optimiser steps, log the eval-split `eval/margin_shift_mean` at that step.
 
-    The final step is left to `after()`, which logs the same metric there.
+    The executor hears it too, with the pairs' standard deviation and count: a search reports the mean to its
+    pruner, `run --race` builds an interval from all three. The final step is left to `after()`, which logs
+    the same metric there.
     """
 
     def __init__(self, model, tokenizer, baseline: Baseline, every: int, tracker, emit=None):
@@ -341,10 +348,12 @@ class IntermediateEval(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step % self.every == 0 and step < state.max_steps:
-            shift = margin_shift_now(self.model, self.tokenizer, self.baseline)
+            shifts = margin_shifts_now(self.model, self.tokenizer, self.baseline)
+            shift = _mean(shifts)
+            sd = math.sqrt(sum((s - shift) ** 2 for s in shifts) / (len(shifts) - 1)) if len(shifts) > 1 else 0.0
             self.tracker.log_metrics({"eval/margin_shift_mean": shift}, step=step)
-            # the executor hears it too: a search reports it to its pruner
-            self.emit(event="intermediate", intermediate={"step": step, "eval/margin_shift_mean": shift})
+            self.emit(event="intermediate", intermediate={"step": step, "eval/margin_shift_mean": shift,
+                                                          "sd": sd, "n": len(shifts)})
 
 
 def write_table(rows: list[dict], path: Path) -> Path:

@@ -29,7 +29,12 @@ def build_parser(commands: dict[str, Callable], doc: str, large_grid: int) -> ar
                        "configs/two_round.yaml --force")
     s.add_argument("grid")
     s.add_argument("--force", action="store_true", help="rerun variants that already have a FINISHED run")
-    s.add_argument("--jobs", type=int, default=None, help="variants at once (default: one per GPU, else 1)")
+    s.add_argument("--jobs", type=_jobs, default=None, help="variants at once, or auto: as many as the device "
+                   "allows (on a GPU by the memory model's estimate, on a CPU by cores); default: one per GPU, else 1")
+    s.add_argument("--race", action="store_true", help="stop a variant once its held-out shift is decisively below "
+                   "another's at the same step (needs eval.every; see docs/grid.md)")
+    s.add_argument("--race-alpha", type=_fraction, default=0.05, help="--race's error rate, shared by every look "
+                   "of the grid (Bonferroni; default 0.05)")
     s.add_argument("--yes", action="store_true", help=f"run a grid of more than {large_grid} variants")
     s.add_argument("--results", help="results folder (default: results/, or $HARNESS_RESULTS_DIR)")
     _add_executor_flags(s)
@@ -120,6 +125,28 @@ def _add_executor_flags(s) -> None:
                    "threads (default 1)")
     s.add_argument("--max-retries", type=int, default=3, help="ray: retries of a variant whose process or node is "
                    "lost; it trains again from step 0 into the same run (default 3)")
+
+
+def _jobs(text: str) -> int | str:
+    """--jobs: a whole number of variants at once or `auto` (below 1 is refused by `run`, which says why)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of variants at once, 1 or more, or auto; got "
+                                         f"{text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    """A probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
 
 
 def _positive(kind, unit: str):

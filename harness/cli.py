@@ -229,9 +229,13 @@ def cmd_run(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    if args.jobs is not None and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
+    if isinstance(args.jobs, int) and args.jobs < 1:  # 0 or -1 would leave no slot to run in: a silent hang
         print(f"run: --jobs: expected a whole number of variants at once, 1 or more, got {args.jobs} "
-              f"(leave it out for one per GPU, else 1)", file=sys.stderr)
+              f"(or auto; leave it out for one per GPU, else 1)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.jobs == "auto" and args.executor == "ray":
+        print("run: --jobs auto is for variants on this machine; on Ray the cluster's resources decide how many "
+              "run at once (leave --jobs out)", file=sys.stderr)
         return EXIT_BAD_INPUT
     if _bad_worker_environment("run") or _executor_flags_misused(args, "run"):
         return EXIT_BAD_INPUT
@@ -239,6 +243,9 @@ def _cmd_run(args) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # the Session, its workers and the checks read it
     grid = _load(args.grid)
     if grid is None:
+        return EXIT_BAD_INPUT
+    race = _race(grid, args) if args.race else None
+    if race is False:
         return EXIT_BAD_INPUT
     if args.executor != "ray":
         _warm_workers(None)  # the grid file is sound: the workers' imports overlap the deeper checks from here
@@ -263,10 +270,41 @@ def _cmd_run(args) -> int:
         # ones it handles (a full disk) in one line and lets any other propagate with its own traceback.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-        return run_grid(grid, results, force=args.force, jobs=args.jobs, argv=sys.argv, backend=backend)
+        jobs, tags = args.jobs, {}
+        if jobs == "auto":
+            from experiments.device import pick_device
+            from harness.core.runs import TAG_JOBS
+            from harness.run.jobs import auto_jobs
+
+            jobs, why = auto_jobs(grid.variants, pick_device())
+            tags[TAG_JOBS] = f"auto: {why}"
+            _say(f"--jobs auto: {why}", file=sys.stderr)
+        return run_grid(grid, results, force=args.force, jobs=jobs, argv=sys.argv, backend=backend, race=race,
+                        tags=tags)
     finally:
         if backend is not None:
             backend.close()
+
+
+def _race(grid, args):
+    """The race over this grid (`harness.run.race`), or False having said why it cannot be raced."""
+    from harness.run.race import Race, looks_of
+
+    problems = [f"{grid.path}: {v.source}: eval.every: --race compares variants every eval.every optimiser steps; "
+                f"set it (e.g. defaults: {{eval: {{every: 2}}}})" for v in grid.variants if not v.spec.eval.every]
+    measured_on = {(v.spec.data.eval, v.spec.data.max_length) for v in grid.variants}
+    if len(measured_on) > 1:
+        problems.append(f"{grid.path}: data.eval / data.max_length: --race compares held-out shifts on the same "
+                        f"pairs, cut the same way; this grid measures on {len(measured_on)} different ones "
+                        f"({', '.join(sorted(f'{e} at {n}' for e, n in measured_on))})")
+    if problems:
+        _say(f"{len(problems)} problem(s) with --race (nothing was run):", file=sys.stderr)
+        for line in problems:
+            _say(f"  {line}", file=sys.stderr)
+        return False
+    stages = frozenset(v.parent_id for v in grid.variants if v.parent_id)
+    looks = sum(looks_of(_steps(v), v.spec.eval.every) for v in grid.variants if v.id not in stages)
+    return Race(looks, alpha=args.race_alpha, keep=stages)
 
 
 def _store_ready(args, command: str) -> bool:

@@ -93,18 +93,21 @@ WORKLOADS = {"single": {"size": 12, "epochs": 2, "betas": [0.1], "jobs": [1], "w
              "sweep": {"size": 4, "epochs": 1, "betas": [0.05, 0.1, 0.5], "jobs": [1, 2]}}
 
 
-def _plain(model_dir: Path, workload: dict, work: Path, precision: str) -> dict:
+def _plain(model_dir: Path, workload: dict, work: Path, precision: str, *, measuring: bool = False) -> dict:
+    """The plain TRL script per variant, one after another; `measuring`: the measuring peer's instead."""
     from experiments import data as D
+    from harness.bench.peer import MEASURING
 
-    script = work / "plain_dpo.py"
-    script.write_text(PLAIN)
+    script = work / ("measuring_dpo.py" if measuring else "plain_dpo.py")
+    script.write_text(MEASURING if measuring else PLAIN)
     train = D.BUILTIN_DIR / D.BUILTIN_FILES["train"]
     indices = D.select_indices(len(D.read_rows(train)), workload["size"], 0)
     t0 = time.monotonic()
     runs = []
     for beta in workload["betas"]:
         cfg = {"model": str(model_dir), "data": str(train), "indices": indices, "epochs": workload["epochs"],
-               "beta": beta, "out": str(work / f"plain-{beta}"), "precision": precision}
+               "beta": beta, "out": str(work / f"plain-{beta}"), "precision": precision,
+               "eval": str(D.BUILTIN_DIR / D.BUILTIN_FILES["eval"])}
         s = time.monotonic()
         proc = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -134,7 +137,9 @@ def _timed_run(grid: Path, results: Path, extra: list[str], env: dict[str, str] 
     runs = []
     for result in sorted(results.glob("runs/*/result.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(result.read_text())
-        runs.append({"train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
+        job = result.parent / "job.json"
+        beta = json.loads(job.read_text())["variant"]["spec"]["dpo"]["beta"] if job.exists() else None
+        runs.append({"beta": beta, "train_seconds": r["seconds"], "measure_seconds": r["measure_seconds"],
                      "steps": r["global_step"], "margin_shift": r["eval_margin_shift_mean"]})
     return {"wall_seconds": wall, "variants": runs}
 
@@ -146,6 +151,20 @@ def _harness(model: str, workload: dict, work: Path, name: str, precision: str, 
     if cache_from is not None:  # a new store and runs folder; only the reference cache is kept
         shutil.copytree(cache_from / "cache", results / "cache")
     return _timed_run(grid, results, ["--jobs", str(jobs)])
+
+
+def _against_peer(peer: dict | None, harness: dict) -> dict:
+    """The measuring peer's numbers beside the harness's: the time ratio, and each variant's held-out shift both
+    ways (the same measurement computed independently: they should agree to float noise)."""
+    if peer is None:
+        return {}
+    by_beta = {h["beta"]: h["margin_shift"] for h in harness["variants"]}
+    shifts = [{"beta": p["beta"], "peer": p["margin_shift"], "harness": by_beta.get(p["beta"])}
+              for p in peer["variants"]]
+    return {"measuring_peer": peer, "ratio_measuring": harness["wall_seconds"] / peer["wall_seconds"],
+            "shift_peer_vs_harness": shifts,
+            "peer_measure_share_of_train": (sum(v["measure_seconds"] for v in peer["variants"])
+                                            / sum(v["train_seconds"] for v in peer["variants"]))}
 
 
 def _results_folder(work: Path, name: str, jobs: int, warm: bool) -> Path:
@@ -210,12 +229,20 @@ def machine() -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| workload | plain TRL script(s) | harness (measuring included) | ratio | harness train / measure per variant |",
-             "|---|---|---|---|---|"]
+    lines = ["| workload | plain TRL script(s): train only | harness (measuring included) | ratio | measuring peer: "
+             "plain TRL + plain scoring | ratio to it | harness train / measure per variant |",
+             "|---|---|---|---|---|---|---|"]
     for name, w in report["workloads"].items():
         per = "; ".join(f"{v['train_seconds']:.0f} s / {v['measure_seconds']:.0f} s" for v in w["harness"]["variants"])
+        peer = (f"{w['measuring_peer']['wall_seconds']:.0f} s | {w['ratio_measuring']:.2f}×" if "measuring_peer" in w
+                else "- | -")
         lines.append(f"| {name}: {w['description']} | {w['plain']['wall_seconds']:.0f} s | "
-                     f"{w['harness']['wall_seconds']:.0f} s | {w['ratio']:.2f}× | {per} |")
+                     f"{w['harness']['wall_seconds']:.0f} s | {w['ratio']:.2f}× | {peer} | {per} |")
+    shifts = [f"{name} beta {x['beta']}: {x['peer']:+.5f} / {x['harness']:+.5f}" for name, w in
+              report["workloads"].items() for x in w.get("shift_peer_vs_harness", []) if x["harness"] is not None]
+    if shifts:
+        lines += ["", "Held-out margin shift, measuring peer / harness (the same number computed independently): "
+                  + "; ".join(shifts) + "."]
     return "\n".join(lines)
 
 
@@ -249,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: plain TRL ...", file=sys.stderr, flush=True)
             plain = _plain(model_dir, w, work, precision)
+            print(f"{name}: plain TRL + plain scoring (the measuring peer) ...", file=sys.stderr, flush=True)
+            peer = _plain(model_dir, w, work, precision, measuring=True) if not args.ray else None
             what = f"{len(w['betas'])} variant(s), {w['size']} pairs × {w['epochs']} epoch(s)"
             if args.ray:
                 sides = [(f"{name}_ray_{start}", f"{what}, harness --executor ray, workers {how}", 1, False,
@@ -271,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["workloads"][key] = {
                     "description": text, "jobs": jobs, "warm_reference": warm, "plain": plain, "harness": harness,
                     "ratio": harness["wall_seconds"] / plain["wall_seconds"],
+                    **_against_peer(peer, harness),
                     "train_speed_ratio": (sum(v["train_seconds"] for v in plain["variants"])
                                           / sum(v["train_seconds"] for v in harness["variants"])),
                     "measure_share_of_train": (sum(v["measure_seconds"] for v in harness["variants"])

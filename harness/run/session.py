@@ -43,6 +43,7 @@ from harness.run.finish import Finisher, Outcome
 from harness.run.launch import Active, Backend, Launcher, slots, threads_per_slot
 from harness.run.loop import Loop
 from harness.run.progress import summary_table
+from harness.run.race import Race
 from harness.run.signals import Signals
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPT = 0, 1, 130
@@ -190,11 +191,12 @@ class Session:
 
     # -------------------------------------------------------- running variants
 
-    def run_variants(self, variants: list[Variant]) -> list[Outcome]:
+    def run_variants(self, variants: list[Variant], *,
+                     watch: Callable[[Active], str | None] | None = None) -> list[Outcome]:
         """Run these variants (stages before their children), skipping finished ones; returns their outcomes
         in the order given. On Ctrl-C / SIGTERM the running ones end KILLED, the rest NOT RUN, and
-        `self.interrupted` is set."""
-        loop = self._loop(list(enumerate(variants, 1)), total=len(variants))
+        `self.interrupted` is set. `watch` as in `run_stream` (a race stops the variants it leaves behind)."""
+        loop = self._loop(list(enumerate(variants, 1)), total=len(variants), watch=watch)
         loop.skip_finished()
         n = len(loop.pending) + len(loop.outcomes)
         print(f"{self.experiment_name}: {n} variant{'s' if n != 1 else ''}, {len(loop.outcomes)} already finished, "
@@ -230,12 +232,16 @@ class Session:
 
 
 def run_grid(grid, results_dir: Path, *, force: bool = False, jobs: int | None = None,
-             stream: TextIO | None = None, argv: list[str] | None = None, backend: Backend | None = None) -> int:
-    """Every variant of a grid under one parent run. Returns the exit code."""
+             stream: TextIO | None = None, argv: list[str] | None = None, backend: Backend | None = None,
+             race: Race | None = None, tags: dict[str, str] | None = None) -> int:
+    """Every variant of a grid under one parent run (raced when `race` is given). Returns the exit code."""
+    extra = {**(tags or {}), **({R.TAG_RACE: race.describe()} if race is not None else {})}
     session = Session(grid.name, results_dir, force=force, jobs=jobs, stream=stream, backend=backend,
-                      parent_tags={R.TAG_VARIANT_COUNT: len(grid.variants), R.TAG_ARGV: " ".join(argv or [])},
+                      parent_tags={R.TAG_VARIANT_COUNT: len(grid.variants), R.TAG_ARGV: " ".join(argv or []), **extra},
                       parent_params={"grid": grid.name, "variants": len(grid.variants)},
                       parent_files={f"grid/{grid.path.name}": grid.path.read_text()})
     with session:
-        session.run_variants(grid.variants)
+        if race is not None:
+            print(race.describe(), file=session.stream, flush=True)
+        session.run_variants(grid.variants, watch=race.watch if race is not None else None)
     return session.exit_code
