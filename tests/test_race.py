@@ -138,6 +138,7 @@ def test_a_raced_grid_stops_the_variant_left_behind_and_the_report_lists_it(tmp_
     why = still.data.tags[R.TAG_STOPPED]
     assert why.startswith("race: at step ") and "lies below moves·" in why
     stopped_at = int(why.split()[3])
+    assert still.data.tags[R.TAG_VERDICT] == f"stopped by --race at step {stopped_at}"  # the UI's verdict column
     assert 2 <= stopped_at < 8 and still.data.metrics.get("train/global_step", 0) < 8
     parent = next(r for r in client.search_runs([exp]) if R.is_grid_run(r))
     assert parent.data.tags[R.TAG_RACE].startswith("--race: alpha 0.05 over 6 looks")

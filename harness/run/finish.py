@@ -70,6 +70,8 @@ class Finisher:
             tags = {R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0} if status != "FINISHED" else {}
             if act.stop_reason:
                 tags[R.TAG_STOPPED] = act.stop_reason[:5000]
+                if act.stop_reason.startswith("race: at step "):  # the UI's verdict column says why it has none
+                    tags[R.TAG_VERDICT] = f"stopped by --race at step {act.stop_reason.split()[3]}"
             if tags:
                 tracker.set_tags(tags)
         except Exception as e:
