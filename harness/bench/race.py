@@ -70,7 +70,8 @@ def outcomes(results: Path, name: str) -> list[dict]:
     return [{"variant": r.data.tags.get(R.RUN_NAME_TAG, ""), "status": r.info.status,
              "steps": r.data.metrics.get("train/global_step"),
              "margin_shift": r.data.metrics.get("eval/margin_shift_mean") if r.info.status == "FINISHED" else None,
-             "stopped": r.data.tags.get(R.TAG_STOPPED)}
+             "stopped": r.data.tags.get(R.TAG_STOPPED),
+             "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000}
             for r in sorted(runs, key=lambda r: r.info.start_time)]
 
 
@@ -97,14 +98,15 @@ def markdown(report: dict) -> str:
                      f"{s['top']} ({top['margin_shift']:+.4f}) |" if top else f"| {label} | - | - | - |")
     lines += ["", f"Time ratio (race / full): {report['ratio']:.2f}×; same top variant: "
               f"{'yes' if report['same_top'] else 'no'}.", "",
-              "| variant | full: shift | race: outcome |", "|---|---|---|"]
+              "| variant | full: shift | its run | race: outcome | its run |", "|---|---|---|---|---|"]
     raced_by = {v["variant"]: v for v in raced["variants"]}
     for v in full["variants"]:
         r = raced_by.get(v["variant"], {})
         outcome = (f"{r['margin_shift']:+.4f}" if r.get("margin_shift") is not None
                    else f"stopped: {r.get('stopped') or r.get('status', '-')}")
         shift = f"{v['margin_shift']:+.4f}" if v["margin_shift"] is not None else v["status"]
-        lines.append(f"| {v['variant']} | {shift} | {outcome} |")
+        lines.append(f"| {v['variant']} | {shift} | {v.get('seconds', 0):.0f} s | {outcome} | "
+                     f"{r.get('seconds', 0):.0f} s |")
     return "\n".join(lines)
 
 
