@@ -57,12 +57,15 @@ def _load(path: str, *, check_data: bool = True):
 
 
 def _steps(v) -> int:
+    """Optimiser steps as the trainer will count them: batches are of training rows, and a method may make
+    several rows of one pair (KTO: a desirable and an undesirable example), so the pairs are multiplied first."""
     from experiments.data import read_rows
 
     t = v.spec.train
     if t.max_steps:
         return t.max_steps
-    rows = v.spec.data.size or len(read_rows(Path(v.data_paths["train"])))
+    pairs = v.spec.data.size or len(read_rows(Path(v.data_paths["train"])))
+    rows = pairs * v.spec.method_record.rows_per_pair
     return math.ceil(math.ceil(rows / t.batch_size) / t.grad_accum) * t.epochs
 
 

@@ -41,7 +41,7 @@ def test_the_measuring_peer_and_the_harness_find_the_same_shift(tmp_path, monkey
     M.load_model("tiny-random-llama").save_pretrained(folder, safe_serialization=True)
     M.load_tokenizer("tiny-random-llama").save_pretrained(folder)
     workload = {"size": 4, "epochs": 1, "betas": [0.1, 0.5], "jobs": [1]}
-    peer = T._plain(folder, workload, tmp_path, "fp32", measuring=True)
+    peer = T._plain({"model": str(folder), "tokenizer": str(folder)}, workload, tmp_path, "fp32", measuring=True)
     harness = T._harness(str(folder), workload, tmp_path, "peer_check", "fp32")
     against = T._against_peer(peer, harness)
     assert [x["beta"] for x in against["shift_peer_vs_harness"]] == [0.1, 0.5]

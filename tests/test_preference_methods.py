@@ -317,6 +317,26 @@ def test_plan_of_the_family_imports_no_torch(grid_file):
     assert "simpo_lora" in out.stdout and "kto_lora" in out.stdout
 
 
+def test_plan_counts_kto_steps_in_examples_two_per_pair(grid_file, capsys):
+    """KTO trains on a desirable and an undesirable example per pair, so 6 pairs in batches of 4 are 12 examples,
+    3 steps an epoch, where DPO takes the 6 pairs in 2; `plan` must say what the trainer will do."""
+    path = grid_file("""
+        name: steps
+        defaults: {base_model: tiny-random-llama, data: {size: 6}, train: {batch_size: 4}}
+        variants:
+          - {name: d, method: dpo_lora}
+          - {name: k, method: kto_lora}
+          - {name: k2, method: kto_lora, train: {epochs: 2, grad_accum: 2}}
+          - {name: kmax, method: kto_lora, train: {max_steps: 5}}
+    """)
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    steps = {line.split()[2].split("·")[0]: int(line.split()[4]) for line in out.splitlines()
+             if line[:1].isdigit()}
+    assert steps == {"d": 2, "k": 3, "k2": 4, "kmax": 5}, out
+    assert "14 optimiser steps in total" in out
+
+
 def test_records_say_what_they_optimise_and_whether_they_see_a_reference():
     for method in methods.all_methods():
         assert method.optimises.endswith("."), method.name

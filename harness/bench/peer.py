@@ -59,10 +59,10 @@ MEASURING = _patched(
      'held_out = [json.loads(line) for line in open(cfg["eval"]) if line.strip()]\n'
      "m0 = time.monotonic()\nbefore = score(model, tok, held_out)\nmeasure = time.monotonic() - m0\n"
      'rows = [json.loads(line) for line in open(cfg["data"]) if line.strip()]'),
-    ("out = trainer.train()\n",
-     "out = trainer.train()\ntrain_seconds = time.monotonic() - t1\nm0 = time.monotonic()\n"
+    ("seconds = time.monotonic() - t1\n",
+     "seconds = time.monotonic() - t1\nm0 = time.monotonic()\n"
      "after = score(trainer.model, tok, held_out)\nmeasure += time.monotonic() - m0\n"
      "shift = sum(a - b for a, b in zip(after, before)) / len(before)\n"),
-    ('print(json.dumps({"train_seconds": time.monotonic() - t1,',
-     'print(json.dumps({"margin_shift": shift, "measure_seconds": measure, "train_seconds": train_seconds,'),
+    ('print(json.dumps({"train_seconds": seconds,',
+     'print(json.dumps({"margin_shift": shift, "measure_seconds": measure, "train_seconds": seconds,'),
 )

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The commands that produced throughput-gpu.{json,md} and the GPU check of two_round, on the lent GPU machine
+# The commands that produced throughput-gpu.{json,md} and the GPU check of two_round, and that make the GPU benchmark
+# gpu-<GPU>.{json,md}, on the lent GPU machine
 # (see ../shared/GPU.md: torch/transformers/peft there, no network, 64 MiB carried per command, /root kept only
 # while the machine stays warm). Two back-to-back commands from the repo root:
 #   1. carrying .stage/a .whl/a:  bash results/benchmarks/gpu.sh stage
 #   2. carrying .stage/b .whl/b:  bash results/benchmarks/gpu.sh run     (two_round, then the benchmark)
 #                             or:  bash results/benchmarks/gpu.sh bench   (the benchmark only)
 # The tests marked gpu need no SmolLM2: one command carrying .whl/a .whl/b:  bash results/benchmarks/gpu.sh tests
+# The GPU benchmark (python -m harness.bench --gpu: 1B and 8B shapes, memory against the estimate, MFU, --jobs on one
+# GPU) needs no SmolLM2 either (it times SmolLM2's shape): one command carrying .whl/a .whl/b, timeout_s 480:
+#   bash results/benchmarks/gpu.sh gpu-bench     -> $OUT/gpu-<GPU name>.json/.md, gpu-bench.log, nvidia-smi.txt
 # (.stage = ../shared/gpu/split-smollm2.sh .stage; .whl/{a,b} = ../shared/gpu/wheelhouse.sh's wheels in two halves)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,6 +18,23 @@ tests)  # one command, carrying .whl/a .whl/b
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/a/*.whl .whl/b/*.whl
     export PYTHONPATH=/root/site:$PWD TOKENIZERS_PARALLELISM=false
     python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.txt"
+    ;;
+gpu-bench)  # one command, carrying .whl/a .whl/b; every part ends within its own timeout, all within 440 s
+    start=$(date +%s)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/a/*.whl .whl/b/*.whl
+    export PYTHONPATH=/root/site:$PWD HARNESS_CACHE_DIR=/root/cache TOKENIZERS_PARALLELISM=false
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    python3 -m compileall -q -j 16 /root/site > /dev/null 2>&1  # byte-compile once: no first-import cost in timings
+    # the new figures first; throughput (recorded on an H100 before: ~205 s in all) gets what is left, and writes
+    # after each workload. Each part's seconds, cut to what is left of 440.
+    for part in dpo_lora_vs_trl:90 bf16_base:120 jobs:70 throughput:240; do
+        left=$(( 440 - ($(date +%s) - start) )); limit=${part#*:}; [ "$left" -lt "$limit" ] && limit=$left
+        [ "$limit" -lt 20 ] && { echo "${part%:*}: skipped, ${left} s left" >> "$OUT/gpu-bench.log"; continue; }
+        # SIGTERM: the benchmark stops its harness run (which stops its workers) and keeps the parts written so far
+        timeout -k 15 "$limit" python3 -m harness.bench --gpu --parts "${part%:*}" --out "$OUT" >> "$OUT/gpu-bench.log" 2>&1
+        echo "${part%:*}: rc=$? (limit ${limit} s) at $(( $(date +%s) - start )) s" >> "$OUT/gpu-bench.log"
+    done
+    ls -la "$OUT"
     ;;
 stage)
     mkdir -p /root/stage /root/site
@@ -44,5 +65,5 @@ run|bench)
     echo "bench rc=$?" >> "$OUT/bench.log"
     ls -la "$OUT"
     ;;
-*) echo "usage: gpu.sh stage|run|bench|tests" >&2; exit 2 ;;
+*) echo "usage: gpu.sh stage|run|bench|tests|gpu-bench" >&2; exit 2 ;;
 esac
