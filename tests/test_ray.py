@@ -1,7 +1,9 @@
 """`--executor ray` on a local Ray instance, tracked to a `python -m harness server` started here, on the tiny
 model: a grid equals the local executor's results and a rerun skips it, a worker process lost mid-variant is
-retried into the same run while a killed worker fails its variant (never RUNNING), Ctrl-C ends the Ray tasks'
-runs KILLED, a short search runs its trials as Ray tasks; and the inputs refused before anything starts.
+retried into the same run while a killed worker fails its variant (never RUNNING), a Ray node lost mid-variant
+(Ray's multi-node `ray.cluster_utils.Cluster` on this machine) is retried on another node into the same run or,
+past its retries, fails it with the reason, Ctrl-C ends the Ray tasks' runs KILLED, a short search runs its trials
+as Ray tasks; and the inputs refused before anything starts.
 
 The tests that need Ray share one `ray start --head` on 127.0.0.1 (2 CPUs, token auth) and one tracking server.
 They skip where Ray is not installed, except under CI (CI=true), where Ray is a requirement (.ci/run installs
@@ -335,6 +337,111 @@ def test_a_lost_task_is_retried_into_its_run_and_a_killed_worker_fails_never_run
     study = load_study(name, server["results"])
     history = study.history[study.history.run_id == a.info.run_id]
     assert not history.duplicated(["key", "step"]).any() and len(history[history.key == "train/loss"]) == 3
+
+
+# A node dies as a crashed machine would (its raylet SIGKILLed); Ray hears of it within a second or two, not ~30 s.
+QUICK_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                    "health_check_timeout_ms": 300, "health_check_failure_threshold": 3}
+
+
+def _node_of(pid: int, nodes) -> object | None:
+    """The `ray.cluster_utils` node whose raylet `pid` descends from (a worker: raylet > Ray worker > forkserver)."""
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in nodes}
+    while pid > 1:
+        if pid in raylets:
+            return raylets[pid]
+        try:
+            pid = _parent_of(pid)
+        except OSError:
+            return None
+    return None
+
+
+def test_a_lost_node_is_retried_on_another_into_its_run_and_one_past_its_retries_fails(tmp_path, server,
+                                                                                        monkeypatch):
+    """Ray's multi-node harness on this machine: a head (1 CPU) and a node (1 CPU) run a grid's two variants; the
+    node is lost mid-variant, another joins, and its variant trains again there into its run while the head's goes
+    on untouched. Then a variant alone on a node that is lost with no retry left: FAILED with the reason."""
+    need_ray()
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    # The test's cluster is not this machine's default Ray (`ray.init()` with no address must not find it).
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
+    # Every node on this machine's own address (Ray's default), not 127.0.0.1: a driver rewrites a 127.0.0.1 address
+    # to it, where a cluster on 127.0.0.1 does not listen. One address for all: the server on 127.0.0.1 is theirs.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "temp_dir": str(temp), "include_dashboard": False, "_system_config": QUICK_NODE_DEATH})
+    client = MlflowClient(server["url"])
+
+    def start(grid: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+        env = {**os.environ, "HARNESS_FAULT": "sleep:a:1,sleep:b:1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(grid), "--results",
+                                 str(server["results"]), "--executor", "ray", "--address", cluster.address,
+                                 "--tracking-uri", server["url"], *extra],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        return proc, lines
+
+    def struck(proc, lines, name: str, node) -> tuple[str, int]:
+        """Once a variant's first attempt on `node` has logged a step: remove the node (its raylet SIGKILLed, as a
+        machine that dies). Returns the variant's name and its worker's pid."""
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            ids = {r.info.run_id for r in variant_runs(client, name)} if client.get_experiment_by_name(name) else set()
+            for variant in ("a", "b"):
+                found = _worker_of(variant, ids)
+                if found and _node_of(found[0], [node]) and client.get_metric_history(found[1]["run_id"], "train/loss"):
+                    cluster.remove_node(node, allow_graceful=False)
+                    return variant, found[0]
+            time.sleep(0.3)
+
+    try:
+        # 1. Two variants at once, one on each node; the worker node is lost, another joins: retried there.
+        name = "tiny_ray_node_lost"
+        doomed = cluster.add_node(num_cpus=1)
+        proc, lines = start(write_grid(tmp_path, name, steps=3), "--max-retries", "1")
+        try:
+            lost, pid = struck(proc, lines, name, doomed)
+            cluster.add_node(num_cpus=1)
+            assert proc.wait(timeout=150) == 0, "".join(lines)
+        finally:
+            stop_group(proc, grace=5)
+        out = "".join(lines)
+        runs = variant_runs(client, name)
+        assert sorted(r.data.tags[R.RUN_NAME_TAG].split("·")[0] for r in runs) == ["a", "b"], out  # one run each
+        assert {r.info.status for r in runs} == {"FINISHED"}, out
+        other = "b" if lost == "a" else "a"
+        assert by_name(runs)[lost].data.tags[R.TAG_ATTEMPT] == "2"  # the retry, into the lost attempt's run
+        assert by_name(runs)[other].data.tags[R.TAG_ATTEMPT] == "1"  # the head's variant never noticed
+        log = server["results"] / "runs" / by_name(runs)[lost].data.tags[R.TAG_VARIANT] / "worker.log"
+        assert "ray: attempt 2 on" in log.read_text() and "an earlier attempt's process or node was lost" in \
+            log.read_text()
+        assert not Path(f"/proc/{pid}").exists()  # the lost node's worker died with it
+        raw = client.get_metric_history(by_name(runs)[lost].info.run_id, "train/loss")
+        assert sorted({m.step for m in raw}) == [1, 2, 3] and len(raw) > 3  # steps logged again, by the retry
+
+        # 2. A variant that only a 2-CPU node can hold; that node is lost and none comes back, no retry left.
+        name = "tiny_ray_node_gone"
+        doomed = cluster.add_node(num_cpus=2)
+        proc, lines = start(write_grid(tmp_path, name, steps=3, variants=1), "--max-retries", "0",
+                            "--cpus-per-variant", "2")
+        try:
+            struck(proc, lines, name, doomed)
+            assert proc.wait(timeout=120) == 1, "".join(lines)
+        finally:
+            stop_group(proc, grace=5)
+        [run] = variant_runs(client, name)
+        assert run.info.status == "FAILED", "".join(lines)
+        reason = run.data.tags[R.TAG_FAILURE_REASON]
+        assert "ray: the task was lost 1 time(s) (its process or node died; --max-retries 0)" in reason, reason
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ctrl_c_ends_the_ray_variants_and_their_parent_killed(tmp_path, server, cluster):

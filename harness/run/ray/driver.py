@@ -28,6 +28,18 @@ FORWARDED_ENV = ("HARNESS_FAULT", THREADS_ENV, "HARNESS_REFERENCE_CACHE", spawn.
                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
+def _here(ray):
+    """The relay's place: this driver's node, so that only losing the driver loses it (on a node that Ray may
+    lose mid-grid, it would take every variant's output lines and attempt counts with it). Ray's default where
+    the node cannot be named (the Ray client)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    except Exception:  # noqa: BLE001 - no node id here
+        return "DEFAULT"
+
+
 class RayBackend:
     """A Session backend (harness.run.launch.Backend): `slots` says how many variants run at once, `start`
     submits one variant and returns a worker object with the interface the executor uses for a process.
@@ -66,7 +78,7 @@ class RayBackend:
             print(f"{cluster}; each variant takes {self.cpus:g} CPU and {self.gpus:g} GPU, up to "
                   f"{len(self.slots(None))} at once, retried {self.max_retries} time(s) if its node is lost",
                   file=self.stream, flush=True)
-            self.relay = ray.remote(num_cpus=0)(Relay).remote()
+            self.relay = ray.remote(num_cpus=0)(Relay).options(scheduling_strategy=_here(ray)).remote()
         except BaseException:
             self.close()
             raise
