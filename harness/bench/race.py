@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness.bench.throughput import machine
+from harness.bench.throughput import child, machine
 
 GRID = """
 name: {name}
@@ -77,11 +76,10 @@ def outcomes(results: Path, name: str) -> list[dict]:
 
 def side(grid: Path, results: Path, name: str, extra: list[str]) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results), *extra],
-                          capture_output=True, text=True)
+    code, _, stderr = child([sys.executable, "-m", "harness", "run", str(grid), "--results", str(results), *extra])
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"harness run {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+    if code != 0:
+        raise SystemExit(f"harness run {' '.join(extra)} failed:\n{stderr[-3000:]}")
     runs = outcomes(results, name)
     finished = [r for r in runs if r["margin_shift"] is not None]
     top = max(finished, key=lambda r: r["margin_shift"]) if finished else None

@@ -20,7 +20,7 @@ from typing import TextIO
 from harness.core import runs as R
 from harness.core.tracking import MlflowTracker, is_disk_full, redact, says_disk_full
 from harness.core.variant import Variant
-from harness.run import describe, spawn
+from harness.run import describe, race, spawn
 from harness.run.claims import VariantClaims
 from harness.run.ends import RunEnds, first_line
 from harness.run.launch import Active
@@ -70,8 +70,8 @@ class Finisher:
             tags = {R.TAG_FAILURE_REASON: reason[:5000], R.TAG_FAILURE_STEP: steps or 0} if status != "FINISHED" else {}
             if act.stop_reason:
                 tags[R.TAG_STOPPED] = act.stop_reason[:5000]
-                if act.stop_reason.startswith("race: at step "):  # the UI's verdict column says why it has none
-                    tags[R.TAG_VERDICT] = f"stopped by --race at step {act.stop_reason.split()[3]}"
+                if race.verdict(act.stop_reason):  # the UI's verdict column says why it has none
+                    tags[R.TAG_VERDICT] = race.verdict(act.stop_reason)
             if tags:
                 tracker.set_tags(tags)
         except Exception as e:

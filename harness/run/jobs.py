@@ -41,6 +41,7 @@ def auto_jobs(variants, device: str) -> tuple[int | None, str]:
     """Gather the facts for `choose`: the device's GPUs or cores, its free memory, the largest estimate."""
     from experiments import memory
     from experiments import models as M
+    from harness.run import launch
 
     peak = 0.0
     for v in variants:
@@ -56,8 +57,7 @@ def auto_jobs(variants, device: str) -> tuple[int | None, str]:
         import torch
 
         gpus, free = torch.cuda.device_count(), float(torch.cuda.mem_get_info()[0])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return choose(device=device, gpus=gpus, cores=cores, free_bytes=free, peak_bytes=peak, variants=len(variants))
+    return choose(device=device, gpus=gpus, cores=launch.cores(), free_bytes=free, peak_bytes=peak, variants=len(variants))
 
 
 def _available_ram() -> float:

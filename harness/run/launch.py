@@ -72,13 +72,17 @@ def slots(jobs: int | None) -> list[str | None]:
     return [None] * (jobs or 1)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_slot(slots: list[str | None]) -> int | None:
     """Torch threads for each of several variants sharing the CPU: the cores split between the slots (None:
     one slot, or GPUs, keep torch's own default)."""
     if len(slots) < 2 or slots[0] is not None:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // len(slots))
+    return max(1, cores() // len(slots))
 
 
 class Launcher:

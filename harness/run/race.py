@@ -31,6 +31,12 @@ import math
 from dataclasses import dataclass
 
 ALPHA = 0.05
+PREFIX = "race: at step "  # how every reason the race gives begins
+
+
+def verdict(reason: str) -> str | None:
+    """What a run stopped for `reason` shows in the verdict column, if the race stopped it."""
+    return f"stopped by --race at step {reason[len(PREFIX):].split()[0]}" if reason.startswith(PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class Race:
         return max(at, key=lambda item: item[1].lo) if at else None
 
     def reason(self, mine: Look, leader_id: str, theirs: Look) -> str:
-        return (f"race: at step {mine.step} its held-out margin shift {mine.text()} lies below "
+        return (f"{PREFIX}{mine.step} its held-out margin shift {mine.text()} lies below "
                 f"{self.names.get(leader_id, leader_id)}'s {theirs.text()} (Student-t intervals at "
                 f"{100 * self.confidence:.3g}% confidence: alpha {self.alpha} shared by Bonferroni over the grid's "
                 f"{self.looks} looks)")
